@@ -1,0 +1,33 @@
+"""fmkit: the foundation-model lifecycle in one toolkit. The Python API mirrors the CLI verbs."""
+from .errors import FmkitError
+
+__version__ = "0.1.0"
+
+__all__ = ["FmkitError", "quickstart", "train_tokenizer", "pack", "pretrain", "generate", "load_model",
+           "Workspace"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import fmkit` stays fast and does not import torch until a verb is used.
+    if name == "quickstart":
+        from .quickstart import quickstart
+        return quickstart
+    if name == "train_tokenizer":
+        from .tokenize.tokenizer import train_tokenizer
+        return train_tokenizer
+    if name == "pack":
+        from .tokenize.pack import pack
+        return pack
+    if name == "pretrain":
+        from .train.pretrain import pretrain
+        return pretrain
+    if name == "generate":
+        from .generate import generate
+        return generate
+    if name == "load_model":
+        from .models.io import load_model
+        return load_model
+    if name == "Workspace":
+        from .workspace import Workspace
+        return Workspace
+    raise AttributeError(f"module 'fmkit' has no attribute {name!r}")

@@ -1,0 +1,137 @@
+"""The `fmkit` command: a thin table of verbs over the Python API (each verb is one function call)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import FmkitError
+
+app = typer.Typer(help="fmkit: curate, tokenize, pre-train, adapt, evaluate and serve foundation models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+tokenizer_app = typer.Typer(help="Train byte-level BPE tokenizers.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+WORKSPACE = typer.Option(None, "--workspace", "-w", help="Workspace folder (default $FMKIT_WORKSPACE or "
+                         "./fmkit-workspace).")
+
+
+@app.command()
+def quickstart(workspace: Optional[Path] = WORKSPACE,
+               steps: Optional[int] = typer.Option(None, help="Training steps (default: the tiny recipe's 500)."),
+               vocab_size: int = typer.Option(4096, help="Tokenizer vocabulary size.")):
+    """Build a tiny foundation model end to end on the local Python standard library (a few minutes on a CPU).
+
+    Trains a tokenizer, packs token shards (a fixed set of stdlib modules held out for validation), pre-trains a
+    small Llama-style decoder, reports validation loss / perplexity / bits-per-byte, prints samples, saves a
+    loss-curve PNG and lists every artifact. Re-running after Ctrl-C resumes from the last checkpoint.
+    """
+    from .quickstart import quickstart as run
+
+    run(workspace, steps, vocab_size)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(corpus: str = typer.Argument(..., help="stdlib, stdlib:train, a folder, a text file or JSONL."),
+                    out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/tokenizers/NAME)."),
+                    vocab_size: int = typer.Option(8192, help="Vocabulary size, special tokens included."),
+                    sentinels: int = typer.Option(32, help="Span-corruption sentinel tokens to reserve (T5)."),
+                    max_bytes: int = typer.Option(0, help="Train on the first N bytes of text only (0: all)."),
+                    workspace: Optional[Path] = WORKSPACE):
+    """Train a byte-level BPE tokenizer; the folder loads with transformers.AutoTokenizer."""
+    from .tokenize.tokenizer import train_tokenizer
+
+    path = train_tokenizer(corpus, out, vocab_size, sentinels, max_bytes=max_bytes, workspace=workspace)
+    typer.echo(f"tokenizer saved to {path}")
+
+
+@app.command()
+def pack(corpus: str = typer.Argument(..., help="stdlib, stdlib:train, stdlib:val, a folder, a text file or JSONL."),
+         tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="Tokenizer folder (fmkit tokenizer train)."),
+         out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/shards/NAME)."),
+         shard_tokens: int = typer.Option(50_000_000, help="Tokens per shard file."),
+         workspace: Optional[Path] = WORKSPACE):
+    """Tokenize a corpus into flat uint16/uint32 token shards with index.json (read with np.memmap)."""
+    from .tokenize.pack import pack as run
+
+    path = run(corpus, tokenizer, out, shard_tokens, workspace=workspace)
+    import json
+
+    index = json.loads((path / "index.json").read_text())
+    typer.echo(f"{index['tokens']:,} tokens from {index['documents']:,} documents ({index['dtype']}) in {path}"
+               + (f"; skipped: {index['skipped']}" if index["skipped"] else ""))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pretrain(ctx: typer.Context,
+             recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (sections: data, model, train)."),
+             resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the "
+                                         "output folder, exactly where it stopped.")):
+    """Pre-train a model from token shards: fmkit pretrain RECIPE.yaml [--section.key=value ...].
+
+    Any recipe key can be overridden, e.g. --train.steps=2000 --train.lr=3e-4 --model.preset=10m
+    --data.shards=PATH. Under torchrun it trains with DDP (default) or FSDP2 (--train.parallel=fsdp).
+    """
+    from .train.pretrain import pretrain as run
+
+    path = run(recipe, list(ctx.args), resume=resume)
+    typer.echo(f"model saved to {path}")
+
+
+@app.command()
+def generate(model: Path = typer.Argument(..., help="Model folder (fmkit's or any transformers model on disk)."),
+             prompt: List[str] = typer.Option(["def "], "--prompt", "-p", help="Prompt; repeat for a batch."),
+             max_new_tokens: int = typer.Option(64, help="Tokens to generate per prompt."),
+             temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
+             top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0: off)."),
+             top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1.0: off)."),
+             stop: List[str] = typer.Option([], "--stop", help="Stop when this string appears; repeatable."),
+             seed: int = typer.Option(0, help="Sampling seed."),
+             dtype: str = typer.Option("fp32", help="fp32 or bf16 (bf16 is faster only on CPUs with native bf16)."),
+             trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickle weights (can run code).")):
+    """Generate text from a model with a KV cache."""
+    from .generate import generate as run
+
+    stop = [s.encode().decode("unicode_escape") for s in stop]  # let users type --stop '\n\n'
+    for p, c in zip(prompt, run(model, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, dtype,
+                                trust_pickle)):
+        typer.echo(p + c.text)
+        typer.echo(f"--- [{len(c.tokens)} tokens, {c.finish_reason}]", err=True)
+
+
+@app.command()
+def registry(kind: Optional[str] = typer.Option(None, help="Only artifacts of this kind (tokenizer, shards, model)."),
+             workspace: Optional[Path] = WORKSPACE):
+    """List the workspace's artifacts and runs with their lineage."""
+    from rich.table import Table
+
+    from .progress import report
+    from .workspace import Workspace
+
+    ws = Workspace(workspace)
+    table = Table(title=f"artifacts in {ws.db_path}")
+    for col in ("id", "kind", "path", "derived from"):
+        table.add_column(col)
+    for a in ws.artifacts(kind):
+        table.add_row(a["id"], a["kind"], a["path"], ", ".join(ws.lineage(a["id"])))
+    report.print(table)
+    runs = Table(title="runs")
+    for col in ("id", "status", "error"):
+        runs.add_column(col)
+    for r in ws.runs():
+        runs.add_row(r["id"], r["status"], r["error"] or "")
+    report.print(runs)
+
+
+def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        app()
+    except FmkitError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)

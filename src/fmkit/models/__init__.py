@@ -1,0 +1,1 @@
+"""Architectures as transformers configs, safe saving and loading, fast generation."""

@@ -1,0 +1,1 @@
+"""Tokenizer training and packing documents into token shards."""

@@ -1,0 +1,198 @@
+"""THE training loop, shared by pre-training, continued pre-training, SFT, DPO and LoRA.
+
+What differs between those is the objective `(model, batch) -> (loss, metrics)` and the batches; everything else
+(optimizer, schedule, precision, accumulation, clipping, parallelism, checkpoints, validation, logging) is here.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from ..config import TrainConfig
+from ..errors import FmkitError
+from ..models.build import count_parameters
+from ..progress import progress_bar
+from ..runtime import tune_allocator
+from . import checkpoint as ckpt
+from . import parallel
+from .metrics import MetricsLog, flops_per_token, lm_metrics
+from .precision import autocast, choose_precision, compute_dtype, matmul_tflops
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class TrainingInterrupted(FmkitError):
+    """Ctrl-C during training: a checkpoint was saved, and `--resume` continues from it."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    history: list[dict] = field(default_factory=list)
+    final_state: dict | None = None   # full model state dict (rank 0 only)
+    precision: str = ""
+    seconds: float = 0.0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms and biases (1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def _to(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig, out_dir: str | Path,
+          *, val_batches: list[dict] | None = None, resume: bool = False,
+          bytes_per_token: float | None = None, run_info: dict | None = None,
+          on_log: Callable[[dict], None] | None = None, d: parallel.Dist | None = None) -> TrainResult:
+    """Train `model` for cfg.steps optimizer steps; checkpoints go to out_dir/checkpoints, metrics to out_dir."""
+    tune_allocator()
+    d = d or parallel.init(cfg.device)
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    precision = choose_precision(cfg.precision, d.device)
+    torch.manual_seed(cfg.seed)
+
+    start_step, tokens_seen, loaded = 0, 0, None
+    if resume:
+        found = ckpt.list_checkpoints(ckpt_root)
+        if not found:
+            raise FmkitError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
+        loaded = ckpt.read_checkpoint(found[-1])
+        ckpt.check_same_shape(loaded, model, found[-1])
+    model.to(d.device)
+    module = parallel.wrap(model, objective, cfg.parallel, d, cfg.compile, cfg.activation_checkpointing)
+    module.train()
+    optimizer = _optimizer(model, cfg)
+    if loaded:
+        set_model_state_dict(model, loaded["model"], options=StateDictOptions(full_state_dict=True, strict=False))
+        model.tie_weights()
+        set_optimizer_state_dict(model, optimizer, loaded["optim"], options=StateDictOptions(full_state_dict=True))
+        torch.set_rng_state(loaded["rng"]["torch"])
+        if "cuda" in loaded["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(loaded["rng"]["cuda"])
+        start_step, tokens_seen = loaded["state"]["step"], loaded["state"]["tokens_seen"]
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    n_params = count_parameters(model)
+    cfg_model = model.config
+    layers = getattr(cfg_model, "num_hidden_layers", None) or getattr(cfg_model, "num_layers", 1)
+    hidden = getattr(cfg_model, "hidden_size", None) or getattr(cfg_model, "d_model", 1)
+    flops_tok = flops_per_token(n_params, layers, hidden, cfg.seq_len)
+    peak = matmul_tflops(compute_dtype(precision), d.device) * d.world * 1e12
+    tokens_per_step = batches.global_batch * cfg.seq_len
+    log = MetricsLog(out_dir, enabled=d.main, resume_step=start_step)
+    val = val_batches or []
+    history: list[dict] = []
+    model_config = cfg_model.to_dict()
+
+    def save(step: int) -> None:
+        model_sd = get_model_state_dict(model, options=FULL)
+        optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL)
+        if d.main:
+            ckpt.save_checkpoint(ckpt_root, step, model_sd, optim_sd,
+                                 {"tokens_seen": tokens_seen, "model_config": model_config, "run": run_info or {},
+                                  "precision": precision}, cfg.keep_last)
+        if d.world > 1:
+            torch.distributed.barrier()
+
+    def evaluate() -> dict:
+        module.eval()
+        total = 0.0
+        with torch.no_grad(), autocast(precision, d.device):
+            for b in val:
+                total += float(module(_to(b, d.device))[0])
+        module.train()
+        loss = parallel.all_mean([total / max(1, len(val))], d)[0]
+        return {f"val_{k}": v for k, v in lm_metrics(loss, bytes_per_token).items()}
+
+    started = time.time()
+    step = start_step
+    with progress_bar("train", unit="step", extra="loss {task.fields[loss]:.3f}  {task.fields[tps]:,.0f} tok/s  "
+                      "MFU {task.fields[mfu]:.1%}") as bar:
+        task = bar.add_task(precision, total=cfg.steps, completed=start_step, loss=float("nan"), tps=0.0, mfu=0.0)
+        try:
+            if val and start_step == 0:
+                record = {"step": 0, **evaluate()}
+                history.append(record)
+                log.write(record)
+            t_last, tokens_last = time.time(), tokens_seen
+            while step < cfg.steps:
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(cfg.grad_accum):
+                    batch = _to(batches.get(step, micro), d.device)
+                    sync = micro == cfg.grad_accum - 1 or d.world == 1 or cfg.parallel != "ddp"
+                    ctx = module.no_sync() if not sync else contextlib.nullcontext()
+                    with ctx:
+                        with autocast(precision, d.device):
+                            loss, _ = module(batch)
+                        scaled = loss / cfg.grad_accum
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                    loss_sum += float(loss.detach())
+                if scaler:
+                    scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += tokens_per_step
+                last = step == cfg.steps
+                if step % cfg.log_every == 0 or last or step == start_step + 1:
+                    loss_avg, = parallel.all_mean([loss_sum / cfg.grad_accum], d)
+                    now = time.time()
+                    tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                    t_last, tokens_last = now, tokens_seen
+                    record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": float(grad_norm),
+                              "tokens_seen": tokens_seen, "tokens_per_s": tps, "mfu": tps * flops_tok / peak,
+                              "elapsed_s": now - started}
+                    if val and (step % cfg.eval_every == 0 or last):
+                        record.update(evaluate())
+                    history.append(record)
+                    log.write(record)
+                    if on_log and d.main:
+                        on_log(record)
+                    bar.update(task, completed=step, loss=loss_avg, tps=tps, mfu=record["mfu"])
+                if (cfg.save_every and step % cfg.save_every == 0) or last:
+                    save(step)
+                bar.update(task, completed=step)
+        except KeyboardInterrupt:
+            if step > start_step and not ckpt.step_dir(ckpt_root, step).exists():
+                save(step)
+            log.close()
+            raise TrainingInterrupted(f"interrupted at step {step}; checkpoint in {ckpt_root}, continue with "
+                                      "--resume") from None
+    log.close()
+    final = get_model_state_dict(model, options=FULL)
+    return TrainResult(step, tokens_seen, history, final if d.main else None, precision, time.time() - started)
