@@ -76,7 +76,10 @@ def pretrain(ctx: typer.Context,
     """
     from .train.pretrain import pretrain as run
 
-    path = run(recipe, list(ctx.args), resume=resume)
+    overrides = list(ctx.args)
+    if recipe is not None and str(recipe).startswith("--"):  # no recipe file: the first override landed here
+        overrides, recipe = [str(recipe)] + overrides, None
+    path = run(recipe, overrides, resume=resume)
     typer.echo(f"model saved to {path}")
 
 

@@ -44,14 +44,22 @@ class Generator:
     """A loaded model + tokenizer that completes prompts; Llama-style decoders use the fast KV-cache path."""
 
     def __init__(self, model_dir: str | Path, dtype: str = "fp32", trust_pickle: bool = False):
+        self._setup(load_model(model_dir, trust_pickle=trust_pickle), load_tokenizer(model_dir), dtype)
+
+    @classmethod
+    def from_model(cls, model, tokenizer=None, dtype: str = "fp32") -> "Generator":
+        """Wrap an in-memory transformers model (token-level `generate_ids` works without a tokenizer)."""
+        self = cls.__new__(cls)
+        self._setup(model.eval(), tokenizer, dtype)
+        return self
+
+    def _setup(self, model, tokenizer, dtype: str) -> None:
         if dtype not in DTYPES:
             raise FmkitError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-        self.model = load_model(model_dir, trust_pickle=trust_pickle)
-        self.tok = load_tokenizer(model_dir)
-        arch = arch_of(self.model.config)
-        if arch == "encoder":
-            raise FmkitError(f"{model_dir} is an encoder (masked LM); it fills masks but does not generate text")
-        self.fast = LlamaDecoder(self.model, DTYPES[dtype]) if self.model.config.model_type == "llama" else None
+        if arch_of(model.config) == "encoder":
+            raise FmkitError("this model is an encoder (masked LM); it fills masks but does not generate text")
+        self.model, self.tok = model, tokenizer
+        self.fast = LlamaDecoder(model, DTYPES[dtype]) if model.config.model_type == "llama" else None
 
     def __call__(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
                  top_p: float = 1.0, stop: list[str] | tuple = (), seed: int = 0) -> list[Completion]:
@@ -60,26 +68,43 @@ class Generator:
         gen = torch.Generator().manual_seed(seed)
         if self.fast is None:
             return self._hf_generate(prompts, max_new_tokens, temperature, top_k, top_p, stop, gen)
-        tok, dec = self.tok, self.fast
+        tok = self.tok
         eos = tok.eos_token_id
         encoded = [tok(p, add_special_tokens=False)["input_ids"] or [eos] for p in prompts]
+
+        def hit_stop(tokens: list[int]) -> bool:
+            return any(s in tok.decode(tokens) for s in stop)
+
+        rows = self.generate_ids(encoded, max_new_tokens, temperature, top_k, top_p, eos, hit_stop if stop else None,
+                                 gen)
+        results = []
+        for tokens, reason in rows:
+            text = tok.decode(tokens)
+            hit = [text.index(s) for s in stop if s in text]
+            results.append(Completion(text[:min(hit)] if hit else text, tokens, reason))
+        return results
+
+    def generate_ids(self, encoded: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, eos: int | None = None, should_stop=None,
+                     generator: torch.Generator | None = None) -> list[tuple[list[int], str]]:
+        """Token-level generation on the fast path: new tokens and finish reason per prompt (left-padded batch)."""
+        dec = self.fast
         width = max(map(len, encoded))
         if width + max_new_tokens > dec.max_positions:
             raise FmkitError(f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                              f"{dec.max_positions} positions; shorten the prompt or lower max_new_tokens")
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+        b = len(encoded)
+        ids = torch.tensor([[0] * (width - len(e)) + e for e in encoded])
         real = torch.tensor([[False] * (width - len(e)) + [True] * len(e) for e in encoded])
         positions = (real.cumsum(-1) - 1).clamp(min=0)
-        key_mask = None if real.all() else torch.cat([real, torch.ones(len(prompts), max_new_tokens, dtype=torch.bool)], 1)
-        cache = dec.new_cache(len(prompts), width + max_new_tokens)
+        key_mask = None if real.all() else torch.cat([real, torch.ones(b, max_new_tokens, dtype=torch.bool)], 1)
+        cache = dec.new_cache(b, width + max_new_tokens)
         logits = dec.forward(ids, positions, cache, 0, key_mask)
         pos = positions[:, -1]
-        out = [[] for _ in prompts]
-        texts = [""] * len(prompts)
-        done = [None] * len(prompts)
+        out: list[list[int]] = [[] for _ in encoded]
+        done: list[str | None] = [None] * b
         for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
             for row, t in enumerate(nxt.tolist()):
                 if done[row]:
                     continue
@@ -87,20 +112,13 @@ class Generator:
                     done[row] = "stop"
                     continue
                 out[row].append(t)
-                if stop:
-                    texts[row] = tok.decode(out[row])
-                    if any(s in texts[row] for s in stop):
-                        done[row] = "stop"
+                if should_stop and should_stop(out[row]):
+                    done[row] = "stop"
             if all(done) or i == max_new_tokens - 1:
                 break
             pos = pos + 1
             logits = dec.forward(nxt[:, None], pos[:, None], cache, width + i, key_mask)
-        results = []
-        for row in range(len(prompts)):
-            text = texts[row] if stop else tok.decode(out[row])
-            hit = [text.index(s) for s in stop if s in text]
-            results.append(Completion(text[:min(hit)] if hit else text, out[row], done[row] or "length"))
-        return results
+        return [(tokens, reason or "length") for tokens, reason in zip(out, done)]
 
     def _hf_generate(self, prompts, max_new_tokens, temperature, top_k, top_p, stop, gen) -> list[Completion]:
         """Other architectures (T5, any transformers decoder) go through transformers' generate."""

@@ -24,15 +24,25 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.speed:,.1f} {self.unit}/s" if task.speed else f"- {self.unit}/s")
 
 
+def interactive() -> bool:
+    """True when a live progress bar can be drawn (stderr is a terminal and FMKIT_QUIET is not set)."""
+    return os.environ.get("FMKIT_QUIET") != "1" and sys.stderr.isatty()
+
+
+def status(line: str) -> None:
+    """A plain progress line for logs (no terminal): printed where a bar would otherwise be drawn."""
+    if os.environ.get("FMKIT_QUIET") != "1" and not sys.stderr.isatty():
+        console.print(line, highlight=False, soft_wrap=True)
+
+
 def progress_bar(label: str, unit: str = "it", extra: str = "") -> Progress:
     """A progress bar for `label`; `extra` is a rich format string over the task's fields (loss, tok/s, ...).
 
     Quiet when stderr is not a terminal (CI logs stay readable) or FMKIT_QUIET=1.
     """
-    quiet = os.environ.get("FMKIT_QUIET") == "1" or not sys.stderr.isatty()
     columns = [TextColumn(f"[bold]{label}[/] {{task.description}}"), BarColumn(bar_width=30),
                MofNCompleteColumn(), RateColumn(unit)]
     if extra:
         columns.append(TextColumn(extra))
     columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    return Progress(*columns, console=console, disable=quiet)
+    return Progress(*columns, console=console, disable=not interactive())

@@ -77,7 +77,7 @@ def build_model(config, seed: int = 0):
     import torch
 
     torch.manual_seed(seed)
-    config._attn_implementation = "sdpa" if arch_of(config) != "encoder-decoder" else "eager"
+    config._attn_implementation = "sdpa"
     return auto_class(arch_of(config)).from_config(config)
 
 

@@ -78,7 +78,7 @@ def load_config(folder: str | Path):
 def load_model(folder: str | Path, trust_pickle: bool = False, device: str = "cpu"):
     """Load a model folder (fmkit's or any transformers model on disk) in eval mode."""
     config = load_config(folder)
-    config._attn_implementation = "sdpa" if arch_of(config) != "encoder-decoder" else "eager"
+    config._attn_implementation = "sdpa"
     model = auto_class(arch_of(config)).from_config(config)
     load_weights(model, load_state_dict(folder, trust_pickle), str(folder))
     return model.to(device).eval()

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from ..config import TrainConfig
 from ..errors import FmkitError
 from ..models.build import count_parameters
-from ..progress import progress_bar
+from ..progress import progress_bar, status
 from ..runtime import tune_allocator
 from . import checkpoint as ckpt
 from . import parallel
@@ -184,6 +184,11 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
                     if on_log and d.main:
                         on_log(record)
                     bar.update(task, completed=step, loss=loss_avg, tps=tps, mfu=record["mfu"])
+                    if d.main and ("val_loss" in record or last):
+                        eta = (cfg.steps - step) * (now - started) / max(1, step - start_step)
+                        status(f"step {step}/{cfg.steps}  loss {loss_avg:.3f}"
+                               + (f"  val_loss {record['val_loss']:.3f}" if "val_loss" in record else "")
+                               + f"  {tps:,.0f} tok/s  MFU {record['mfu']:.1%}  eta {eta:.0f}s")
                 if (cfg.save_every and step % cfg.save_every == 0) or last:
                     save(step)
                 bar.update(task, completed=step)

@@ -7,8 +7,8 @@ from typing import Callable
 
 from ..config import Recipe, load_recipe, recipe_dict
 from ..errors import FmkitError
-from ..models.build import OBJECTIVE_FOR_ARCH, arch_of, build_model, count_parameters, max_positions, model_config
-from ..models.io import load_model, save_model
+from ..models.build import OBJECTIVE_FOR_ARCH, arch_of, auto_class, build_model, count_parameters, max_positions, model_config
+from ..models.io import load_model, load_weights, save_model
 from ..tokenize.shards import TokenShards
 from ..tokenize.tokenizer import EOS, MASK, PAD, load_tokenizer, sentinel
 from ..workspace import Workspace, default_root, read_manifest
@@ -104,7 +104,9 @@ def pretrain(recipe: str | Path | None = None, overrides: list[str] | dict | Non
 
 def _save(model, result: TrainResult, rec: Recipe, out: Path, tok_dir: Path, shards: TokenShards,
           shards_id: str, parent_id: str, run_id: str, ws: Workspace) -> None:
-    model.load_state_dict(result.final_state, strict=False)
+    # A fresh unwrapped copy: the trained module may be sharded (FSDP) or compiled; the full state is on rank 0.
+    model = auto_class(arch_of(model.config)).from_config(model.config)
+    load_weights(model, result.final_state, str(out))
     last = result.history[-1] if result.history else {}
     manifest = {"kind": "model", "arch": arch_of(model.config), "parameters": count_parameters(model),
                 "dataset": shards.index.get("source"), "shards": str(Path(rec.data.shards).resolve()),

@@ -1,0 +1,26 @@
+# `make setup` builds .venv with the CPU constraints (torch==2.13.0); `make test` runs the fast suite.
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-slow bench quickstart
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow
+
+quickstart: $(STAMP)
+	$(VENV)/bin/fmkit quickstart
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/pretrain_throughput.py
+	$(VENV)/bin/python bench/generate_throughput.py

@@ -1,0 +1,37 @@
+"""Shared fixtures: a small tokenizer and token shards built once per test session from held-out stdlib text."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("FMKIT_QUIET", "1")
+
+
+@pytest.fixture(scope="session")
+def session_ws(tmp_path_factory):
+    return tmp_path_factory.mktemp("ws")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(session_ws):
+    from fmkit.tokenize.tokenizer import train_tokenizer
+
+    return train_tokenizer("stdlib:val", session_ws / "tok", vocab_size=512, sentinels=8, workspace=session_ws)
+
+
+@pytest.fixture(scope="session")
+def shards_dir(session_ws, tokenizer_dir):
+    from fmkit.tokenize.pack import pack
+
+    return pack("stdlib:val", tokenizer_dir, session_ws / "shards", workspace=session_ws)
+
+
+def tiny_overrides(shards, out, **extra) -> dict:
+    """A recipe for a model small enough to train a few steps in about a second."""
+    base = {"data.shards": str(shards), "out": str(out), "workspace": str(out.parent / "ws"),
+            "model.preset": "tiny", "train.steps": 6, "train.batch_size": 4, "train.seq_len": 32,
+            "train.warmup_steps": 2, "train.log_every": 1, "train.eval_every": 3, "train.save_every": 3,
+            "train.keep_last": 0, "train.precision": "fp32", "train.lr": 3e-3}
+    base.update(extra)
+    return base
