@@ -23,7 +23,7 @@ def main() -> None:
     from common import machine, reference_model
     from fmkit.generate import Generator
     from fmkit.runtime import tune_allocator
-    from fmkit.train.precision import matmul_tflops
+    from fmkit.train.precision import fast_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -31,8 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     tune_allocator()
     model = reference_model().eval()
-    dtypes = ["fp32"] + (["bf16"] if matmul_tflops(torch.bfloat16, "cpu", 256) > 1.5 * matmul_tflops(
-        torch.float32, "cpu", 256) else [])
+    dtypes = ["fp32"] + (["bf16"] if fast_bf16("cpu") else [])
     ours = {d: Generator.from_model(model, dtype=d) for d in dtypes}
     print(f"machine: {machine()}")
     print(f"{'batch':>5s} {'contender':34s} {'new tok/s':>10s} {'vs transformers':>16s}")

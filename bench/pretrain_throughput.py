@@ -81,7 +81,7 @@ def main() -> None:
     import torch
 
     from common import REFERENCE, machine, reference_model, run_isolated
-    from fmkit.train.precision import matmul_tflops
+    from fmkit.train.precision import fast_bf16, matmul_tflops
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8)
@@ -92,7 +92,7 @@ def main() -> None:
         print(json.dumps((plain if kind == "plain" else fmkit)(args.steps, precision)))
         return
     peak = {"fp32": matmul_tflops(torch.float32, "cpu", 1024), "bf16": matmul_tflops(torch.bfloat16, "cpu", 512)}
-    bf16_fast = peak["bf16"] > 1.5 * peak["fp32"]
+    bf16_fast = fast_bf16("cpu")
     from fmkit.models.build import count_parameters
     from fmkit.train.metrics import flops_per_token
 

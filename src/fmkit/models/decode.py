@@ -27,8 +27,9 @@ class LlamaDecoder:
             return w.t().contiguous().to(dtype)
 
         self.embed = sd["model.embed_tokens.weight"].to(dtype)
-        head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
-        self.head = t(head)
+        # Both layouts of the head: (hidden, vocab) is fastest for one row, (vocab, hidden) for several.
+        self.head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"]).to(dtype).contiguous()
+        self.head_t = t(self.head)
         self.norm = sd["model.norm.weight"].to(dtype)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -47,13 +48,17 @@ class LlamaDecoder:
         self.cos, self.sin = (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
     def _rms(self, x, w):
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(var + self.eps)).to(self.dtype) * w
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
     def _rope(self, x, cos, sin):
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
+
+    def _logits(self, x):
+        if x.shape[0] == 1:
+            return x @ self.head_t
+        return torch.mm(self.head, x.t()).t()
 
     def new_cache(self, batch: int, length: int) -> list[torch.Tensor]:
         shape = (2, batch, self.n_kv, length, self.head_dim)
@@ -70,7 +75,7 @@ class LlamaDecoder:
         b, n = ids.shape
         end = start + n
         x = self.embed[ids]
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, T, 1, D)
         nq, nkv, hd = self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.head_dim
         if key_mask is not None or n > 1:
             causal = torch.ones(n, end, dtype=torch.bool).tril(start)
@@ -79,15 +84,13 @@ class LlamaDecoder:
             mask = None
         for (ln1, wqkv, wo, ln2, wgu, wd), kv in zip(self.layers, cache):
             h = self._rms(x, ln1) @ wqkv
-            q = h[..., :nq].view(b, n, self.n_heads, hd).transpose(1, 2)
-            k = h[..., nq:nq + nkv].view(b, n, self.n_kv, hd).transpose(1, 2)
-            v = h[..., nq + nkv:].view(b, n, self.n_kv, hd).transpose(1, 2)
-            kv[0, :, :, start:end] = self._rope(k, cos, sin)
-            kv[1, :, :, start:end] = v
-            attn = F.scaled_dot_product_attention(self._rope(q, cos, sin), kv[0, :, :, :end], kv[1, :, :, :end],
+            qk = self._rope(h[..., :nq + nkv].view(b, n, self.n_heads + self.n_kv, hd), cos, sin).transpose(1, 2)
+            kv[0, :, :, start:end] = qk[:, self.n_heads:]
+            kv[1, :, :, start:end] = h[..., nq + nkv:].view(b, n, self.n_kv, hd).transpose(1, 2)
+            attn = F.scaled_dot_product_attention(qk[:, :self.n_heads], kv[0, :, :, :end], kv[1, :, :, :end],
                                                   attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
             x = x + attn.transpose(1, 2).reshape(b, n, nq) @ wo
             gu = self._rms(x, ln2) @ wgu
             half = gu.shape[-1] // 2
             x = x + (F.silu(gu[..., :half]) * gu[..., half:]) @ wd
-        return (self._rms(x[:, -1], self.norm) @ self.head).float()
+        return self._logits(self._rms(x[:, -1], self.norm)).float()

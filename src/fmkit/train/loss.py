@@ -28,16 +28,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             t = targets[start:start + chunk_rows]
             ok = valid[start:start + chunk_rows]
             logits = (h @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
             safe_t = torch.where(ok, t, 0)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+            # One exp pass serves both the loss (log-sum-exp) and its gradient (softmax), in place.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            sums = probs.sum(dim=-1, keepdim=True)
+            lse = (row_max + sums.log()).squeeze(1)
             total += ((lse - target_logit) * ok).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            # d loss / d logits = (softmax - onehot) / count, zero on ignored rows; reuse the logits buffer.
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-            probs.mul_((ok / count)[:, None])
+            # d loss / d logits = (softmax - onehot) / count, zero on ignored rows: one scaling pass.
+            scale = (ok / count)[:, None]
+            probs.mul_(scale / sums)
+            probs[torch.arange(len(t), device=t.device), safe_t] -= scale.squeeze(1)
             g = probs.to(compute_dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_rows] = (g @ w).to(hidden.dtype)
