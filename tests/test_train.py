@@ -119,3 +119,28 @@ def test_continued_pretraining_records_the_parent(tmp_path, shards_dir):
     ws = Workspace(tmp_path / "ws")
     ancestry = ws.lineage(m["id"])
     assert read_manifest(parent)["id"] in ancestry and read_manifest(shards_dir)["id"] in ancestry
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, shards_dir):
+    plain = pretrain(None, tiny_overrides(shards_dir, tmp_path / "a", **{"train.steps": 3}))
+    ac = pretrain(None, tiny_overrides(shards_dir, tmp_path / "b", **{"train.steps": 3,
+                                                                      "train.activation_checkpointing": True}))
+    la = [r["loss"] for r in read_metrics(plain) if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(ac) if "loss" in r]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path, shards_dir):
+    out = pretrain(None, tiny_overrides(shards_dir, tmp_path / "m", **{"train.steps": 3,
+                                                                       "data.val_shards": str(shards_dir)}))
+    records = read_metrics(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= records[1].keys()
+    assert {"val_loss", "val_ppl", "val_bpb"} <= records[0].keys() and records[0]["step"] == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train(tmp_path, shards_dir):
+    out = pretrain(None, tiny_overrides(shards_dir, tmp_path / "m", **{"train.steps": 3, "train.compile": True}))
+    assert len([r for r in read_metrics(out) if "loss" in r]) == 3

@@ -65,7 +65,10 @@ def wrap(model: nn.Module, objective, mode: str, d: Dist, compile: bool = False,
          activation_checkpointing: bool = False) -> nn.Module:
     """Apply activation checkpointing, compile and DDP/FSDP2 to `model`; returns the module the loop calls."""
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compile:
         for block in blocks(model):
             block.compile()
