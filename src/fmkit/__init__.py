@@ -3,7 +3,8 @@ from .errors import FmkitError
 
 __version__ = "0.1.0"
 
-__all__ = ["FmkitError", "quickstart", "train_tokenizer", "pack", "pretrain", "generate", "load_model",
+__all__ = ["FmkitError", "quickstart", "curate", "curate_report", "build_ngram_index", "NGramIndex",
+           "train_tokenizer", "pack", "pretrain", "generate", "load_model",
            "Workspace"]
 
 
@@ -12,6 +13,15 @@ def __getattr__(name: str):
     if name == "quickstart":
         from .quickstart import quickstart
         return quickstart
+    if name == "curate":
+        from .data.curate import curate
+        return curate
+    if name == "curate_report":
+        from .data.report import curate_report
+        return curate_report
+    if name in ("build_ngram_index", "NGramIndex"):
+        from .data import contamination
+        return getattr(contamination, name)
     if name == "train_tokenizer":
         from .tokenize.tokenizer import train_tokenizer
         return train_tokenizer

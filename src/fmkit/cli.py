@@ -33,6 +33,53 @@ def quickstart(workspace: Optional[Path] = WORKSPACE,
     run(workspace, steps, vocab_size)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def curate(ctx: typer.Context,
+           target: str = typer.Argument(..., metavar="RECIPE.yaml | report DATASET | ngrams DATASET",
+                                        help="A curation recipe to run; or `report DATASET` to summarise a "
+                                        "dataset; or `ngrams DATASET|SHARDS` to build its contamination index."),
+           dataset: Optional[Path] = typer.Argument(None, help="The dataset (or token shards) for report/ngrams."),
+           workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes (default: the "
+                                                 "recipe's, 0 = one per core)."),
+           fresh: bool = typer.Option(False, "--fresh", help="Ignore finished units of an interrupted run."),
+           n: int = typer.Option(13, "--n", help="ngrams: words (or tokens) per n-gram.")):
+    """Curate raw sources into a dataset: filter, deduplicate, redact PII, score toxicity, balance domains.
+
+    fmkit curate RECIPE.yaml [--section.key=value ...] writes Parquet shards, manifest.json (every block's
+    kept/dropped counts by reason) and rejected/ (each dropped document with its block and reason). An interrupted
+    run continues from its finished units when run again. Then: fmkit curate report DATASET (tables, report.png,
+    report.html) and fmkit curate ngrams DATASET (a 13-gram index for contamination checks).
+    """
+    from .progress import report as console
+
+    if target in ("report", "ngrams"):
+        if dataset is None:
+            raise FmkitError(f"fmkit curate {target} needs a DATASET folder")
+        if target == "report":
+            from .data.report import curate_report
+
+            png, page = curate_report(dataset)
+            typer.echo(f"report: {png} and {page}")
+        else:
+            from .data.contamination import build_ngram_index
+
+            path = build_ngram_index(dataset, n)
+            typer.echo(f"{n}-gram index written to {path}")
+        return
+    from .data.curate import curate as run
+
+    path = run(target, list(ctx.args) + ([str(dataset)] if dataset else []), workers=workers, resume=not fresh)
+    import json
+
+    m = json.loads((path / "manifest.json").read_text())
+    for s in m["sources"]:
+        console.print(f"{s['name']}: {s['documents_in']:,} in, {s['kept']:,} kept, {s['rejected']:,} rejected "
+                      + (f"({', '.join(f'{k} {v}' for k, v in list(s['rejected_by'].items())[:5])})"
+                         if s["rejected"] else ""), highlight=False)
+    typer.echo(f"{m['output']['documents']:,} documents, {m['output']['tokens']:,} tokens in {path} "
+               f"({m['seconds']} s); details: fmkit curate report {path}")
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(corpus: str = typer.Argument(..., help="stdlib, stdlib:train, a folder, a text file or JSONL."),
                     out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/tokenizers/NAME)."),

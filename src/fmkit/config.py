@@ -73,9 +73,10 @@ def _keys(cls, prefix: str = "") -> list[str]:
     return out
 
 
-def _unknown(key: str, where: str) -> FmkitError:
-    near = difflib.get_close_matches(key, _keys(Recipe), n=1, cutoff=0.5)
-    hint = f"; did you mean '{near[0]}'?" if near else f"; known keys: {', '.join(_keys(Recipe))}"
+def unknown_key(key: str, where: str, known: list[str]) -> FmkitError:
+    """'unknown recipe key ... did you mean ...?': the error for a key that is not in `known`."""
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; known keys: {', '.join(known)}"
     return FmkitError(f"unknown recipe key '{key}' in {where}{hint}")
 
 
@@ -85,11 +86,11 @@ def _coerce(value, typ, key: str, where: str):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
-    elif typ is dict and isinstance(value, str):
+    elif typ in (dict, list) and isinstance(value, str):
         value = yaml.safe_load(value)
     try:
-        if typ is dict:
-            if not isinstance(value, dict):
+        if typ in (dict, list):
+            if not isinstance(value, typ):
                 raise ValueError
             return value
         if typ is str:
@@ -105,32 +106,35 @@ def _coerce(value, typ, key: str, where: str):
         raise FmkitError(f"recipe key '{key}' in {where} must be {typ.__name__}, got {value!r}") from None
 
 
-def _set(obj, key: str, value, where: str, prefix: str = "") -> None:
+def _set(obj, key: str, value, where: str, prefix: str = "", root=None) -> None:
     """Set `key` (dotted, relative to obj) to value; a mapping value sets each of its keys in turn."""
+    root = root or type(obj)
     head, _, rest = key.partition(".")
     full = prefix + head
     if not dataclasses.is_dataclass(obj) or head not in {f.name for f in dataclasses.fields(obj)}:
-        raise _unknown(prefix + key, where)
+        raise unknown_key(prefix + key, where, _keys(root))
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current):
         if rest:
-            return _set(current, rest, value, where, full + ".")
+            return _set(current, rest, value, where, full + ".", root)
         if not isinstance(value, dict):
             raise FmkitError(f"recipe section '{full}' in {where} must be a mapping, got {value!r}")
         for k, v in value.items():
-            _set(current, str(k), v, where, full + ".")
+            _set(current, str(k), v, where, full + ".", root)
         return
     if rest:
         if isinstance(current, dict):  # model.overrides.hidden_size=...: free-form, checked by the model builder
             current[rest] = yaml.safe_load(value) if isinstance(value, str) else value
             return
-        raise _unknown(prefix + key, where)
+        raise unknown_key(prefix + key, where, _keys(root))
     setattr(obj, head, _coerce(value, typing.get_type_hints(type(obj))[head], full, where))
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Recipe:
-    """Read a YAML recipe (or start from defaults) and apply `section.key=value` overrides."""
-    recipe = Recipe()
+def load_recipe(path: str | Path | None = None, overrides: list[str] | dict | None = None, cls=None):
+    """Read a YAML recipe (or start from defaults) and apply `section.key=value` overrides.
+
+    `cls` is the recipe dataclass (default: the pre-training `Recipe`; curation passes its own)."""
+    recipe = (cls or Recipe)()
     if path is not None:
         p = Path(path)
         if not p.is_file():

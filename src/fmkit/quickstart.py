@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from .data.curate import curate
 from .generate import Generator
 from .plots import loss_curve
 from .progress import report as console
@@ -25,11 +26,15 @@ def quickstart(workspace: str | Path | None = None, steps: int | None = None, vo
     ws = Workspace(workspace)
     started = time.time()
     console.rule("[bold]fmkit quickstart[/]: a tiny decoder on the Python standard library")
-    console.print("1/4 training a byte-level BPE tokenizer on stdlib sources (held-out modules excluded)")
-    tok = train_tokenizer("stdlib:train", ws.path("tokenizers", "stdlib"), vocab_size=vocab_size,
+    console.print("1/5 curating stdlib sources (held-out modules excluded): filters, PII redaction, dedup")
+    with resources.as_file(resources.files("fmkit") / "recipes" / "stdlib-curate.yaml") as path:
+        dataset = curate(path, {"workspace": str(ws.root), "out": str(ws.path("datasets", "stdlib"))})
+    _print_curation(dataset)
+    console.print("2/5 training a byte-level BPE tokenizer on the curated dataset")
+    tok = train_tokenizer(str(dataset), ws.path("tokenizers", "stdlib"), vocab_size=vocab_size,
                           max_bytes=4_000_000, workspace=ws.root)
-    console.print("2/4 packing token shards (train, and held-out modules for validation)")
-    train_shards = pack("stdlib:train", tok, ws.path("shards", "stdlib-train"), workspace=ws.root)
+    console.print("3/5 packing token shards (train, and held-out modules for validation)")
+    train_shards = pack(str(dataset), tok, ws.path("shards", "stdlib-train"), workspace=ws.root)
     val_shards = pack("stdlib:val", tok, ws.path("shards", "stdlib-val"), workspace=ws.root)
     out = ws.path("models", "quickstart")
     resume = (out / "checkpoints").is_dir() and not (out / "model.safetensors").exists()
@@ -40,7 +45,7 @@ def quickstart(workspace: str | Path | None = None, steps: int | None = None, vo
                  "workspace": str(ws.root)}
     if steps:
         overrides["train.steps"] = steps
-    console.print(f"3/4 pre-training ({'resuming' if resume else 'recipe tiny.yaml'}); Ctrl-C saves a checkpoint "
+    console.print(f"4/5 pre-training ({'resuming' if resume else 'recipe tiny.yaml'}); Ctrl-C saves a checkpoint "
                   "and re-running quickstart continues from it")
     with resources.as_file(recipe) as path:
         model_dir = pretrain(path, overrides, resume=resume)
@@ -53,7 +58,7 @@ def quickstart(workspace: str | Path | None = None, steps: int | None = None, vo
         table.add_row(str(r["step"]), f"{r['val_loss']:.3f}", f"{r['val_ppl']:.1f}", f"{r['val_bpb']:.3f}")
     console.print(table)
     png = loss_curve(history, model_dir / "loss_curve.png", "fmkit quickstart: stdlib pre-training")
-    console.print("4/4 samples (temperature 0.8, top-k 50):")
+    console.print("5/5 samples (temperature 0.8, top-k 50):")
     gen = Generator(model_dir)
     for prompt, c in zip(PROMPTS, gen(PROMPTS, max_new_tokens=60, temperature=0.8, top_k=50, seed=0)):
         console.print(f"[dim]{'-' * 60}[/]\n[bold]{prompt}[/]{c.text}", markup=True, highlight=False)
@@ -61,7 +66,8 @@ def quickstart(workspace: str | Path | None = None, steps: int | None = None, vo
     arts = Table(title="artifacts")
     arts.add_column("what")
     arts.add_column("where")
-    for what, where in [("workspace + registry", ws.db_path), ("tokenizer", tok), ("train shards", train_shards),
+    for what, where in [("workspace + registry", ws.db_path), ("curated dataset", dataset),
+                        ("curation report", "fmkit curate report " + str(dataset)), ("tokenizer", tok), ("train shards", train_shards),
                         ("validation shards", val_shards), ("model (HF format)", model_dir),
                         ("checkpoints", model_dir / "checkpoints"), ("metrics", model_dir / "metrics.jsonl"),
                         ("tensorboard", model_dir / "tensorboard"), ("loss curve", png)]:
@@ -69,3 +75,13 @@ def quickstart(workspace: str | Path | None = None, steps: int | None = None, vo
     console.print(arts)
     console.print(f"done in {time.time() - started:.0f} s. Try: fmkit generate {model_dir} --prompt 'def '")
     return model_dir
+
+
+def _print_curation(dataset: Path) -> None:
+    import json
+
+    m = json.loads((dataset / "manifest.json").read_text())
+    for s in m["sources"]:
+        top = ", ".join(f"{k} {v}" for k, v in list(s["rejected_by"].items())[:4])
+        console.print(f"   {s['documents_in']:,} documents in, {s['kept']:,} kept, {s['rejected']:,} rejected"
+                      + (f" ({top})" if top else ""), highlight=False)

@@ -42,28 +42,45 @@ def _stdlib_module(rel: Path) -> str:
     return rel.parts[0].removesuffix(".py")
 
 
-def _stdlib_documents(split: str, stats: CorpusStats) -> Iterator[Document]:
-    """The local Python standard library: its .py sources plus the pydoc topic texts (`pydoc_data`)."""
+PYDOC_TOPICS = "pydoc_data/topics"   # stands for the pydoc topic texts in a list of stdlib files
+
+
+def stdlib_files(split: str) -> list:
+    """The stdlib's .py files of a split (train: all but the held-out modules; val: those; all), in a fixed order;
+    train and all end with PYDOC_TOPICS, the text of `help('TOPIC')` (`pydoc_data`)."""
     root = stdlib_root()
     files = sorted(p for p in root.rglob("*.py")
                    if not (_STDLIB_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
                    and not p.relative_to(root).parts[0].startswith(("config-", "site-packages")))
-    for path in files:
-        rel = path.relative_to(root)
-        is_val = _stdlib_module(rel) in STDLIB_VAL_MODULES
-        if (split == "val") != is_val and split != "all":
+    out = [p for p in files if split == "all" or (split == "val") == (_stdlib_module(p.relative_to(root))
+                                                                        in STDLIB_VAL_MODULES)]
+    return out + ([PYDOC_TOPICS] if split in ("train", "all") else [])
+
+
+def stdlib_doc_id(path) -> str:
+    return f"stdlib/{Path(path).relative_to(stdlib_root())}"
+
+
+def pydoc_topics() -> Iterator[tuple[str, str]]:
+    from pydoc_data.topics import topics  # ships with CPython
+
+    for name in sorted(topics):
+        yield f"stdlib/pydoc_data/{name}", topics[name]
+
+
+def _stdlib_documents(split: str, stats: CorpusStats) -> Iterator[Document]:
+    """The local Python standard library: its .py sources plus the pydoc topic texts (`pydoc_data`)."""
+    for path in stdlib_files(split):
+        if path == PYDOC_TOPICS:
+            for doc_id, text in pydoc_topics():
+                if text.strip():
+                    stats.documents += 1
+                    stats.bytes += len(text.encode())
+                    yield Document(doc_id, text)
             continue
-        doc = _read_text_file(path, stats, doc_id=f"stdlib/{rel}")
+        doc = _read_text_file(path, stats, doc_id=stdlib_doc_id(path))
         if doc:
             yield doc
-    if split in ("train", "all"):
-        from pydoc_data.topics import topics  # ships with CPython: the text of `help('TOPIC')`
-        for name in sorted(topics):
-            text = topics[name]
-            if text.strip():
-                stats.documents += 1
-                stats.bytes += len(text.encode())
-                yield Document(f"stdlib/pydoc_data/{name}", text)
 
 
 def _read_text_file(path: Path, stats: CorpusStats, doc_id: str | None = None) -> Document | None:
@@ -112,7 +129,8 @@ def _jsonl_documents(path: Path, field_name: str, stats: CorpusStats) -> Iterato
 
 def iter_documents(source: str | Path, stats: CorpusStats | None = None, text_field: str = "text",
                    suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> Iterator[Document]:
-    """Yield the documents of `source`: `stdlib`, `stdlib:train`, `stdlib:val`, a folder, a text file or JSONL."""
+    """Yield the documents of `source`: `stdlib`, `stdlib:train`, `stdlib:val`, a curated dataset folder, a folder,
+    a text file or JSONL."""
     stats = stats if stats is not None else CorpusStats()
     src = str(source)
     if src.startswith("stdlib"):
@@ -124,6 +142,14 @@ def iter_documents(source: str | Path, stats: CorpusStats | None = None, text_fi
     path = Path(src)
     if not path.exists():
         raise FmkitError(f"corpus path does not exist: {path}")
+    if path.is_dir() and (path / "manifest.json").is_file():  # a curated dataset (fmkit curate)
+        from .curate import read_dataset
+
+        for row in read_dataset(path):
+            stats.documents += 1
+            stats.bytes += len(row["text"].encode())
+            yield Document(row["id"], row["text"])
+        return
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:

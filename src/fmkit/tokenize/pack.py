@@ -98,11 +98,19 @@ def pack(corpus: str, tokenizer: str | Path, out: str | Path | None = None, shar
     index = {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab, "eos_id": eos, "tokens": tokens,
              "documents": stats.documents, "bytes": stats.bytes, "shards": writer.shards,
              "source": str(corpus), "tokenizer": str(Path(tokenizer).resolve()),
-             "tokenizer_id": tok_manifest.get("id", ""), "skipped": dict(stats.skipped)}
+             "tokenizer_id": tok_manifest.get("id", ""), "dataset_id": _dataset_id(corpus),
+             "skipped": dict(stats.skipped)}
     (out / "index.json").write_text(json.dumps(index, indent=2))
     tok.save_pretrained(out / "tokenizer")  # the shards carry their tokenizer, so models built on them can too
     manifest = {"kind": "shards", **{k: v for k, v in index.items() if k != "shards"},
                 "seconds": round(time.time() - started, 1)}
-    manifest["id"] = ws.add_artifact("shards", out, manifest, parents=[tok_manifest.get("id", "")])
+    manifest["id"] = ws.add_artifact("shards", out, manifest, parents=[tok_manifest.get("id", ""),
+                                                                           index["dataset_id"]])
     write_manifest(out, manifest)
     return out
+
+
+def _dataset_id(corpus) -> str:
+    """The registry id of a curated dataset folder ('' for raw corpora): the source dataset of these shards."""
+    p = Path(str(corpus))
+    return read_manifest(p).get("id", "") if (p / "manifest.json").is_file() else ""

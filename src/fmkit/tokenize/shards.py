@@ -37,6 +37,14 @@ class TokenShards:
         """Offsets (within a shard) where each document begins."""
         return np.fromfile(self.folder / self.index["shards"][shard]["doc_starts"], dtype=np.int64)
 
+    def documents(self):
+        """Each document's tokens in turn (a memmap slice; documents are separated by EOS in the stream)."""
+        for i, arr in enumerate(self.arrays):
+            starts = self.document_starts(i)
+            ends = np.append(starts[1:], len(arr))
+            for a, b in zip(starts, ends):
+                yield arr[a:b]
+
     def _check_window(self, window: int) -> np.ndarray:
         room = self.sizes - window
         if (room < 0).all():

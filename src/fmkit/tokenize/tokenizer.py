@@ -68,7 +68,9 @@ def train_tokenizer(corpus: str, out: str | Path | None = None, vocab_size: int 
                 "requested_vocab_size": vocab_size, "special_tokens": specials, "sentinels": sentinels,
                 "corpus": str(corpus), "documents": stats.documents, "bytes": stats.bytes,
                 "skipped": dict(stats.skipped), "max_bytes": max_bytes, "seconds": round(time.time() - started, 1)}
-    manifest["id"] = ws.add_artifact("tokenizer", out, manifest)
+    from .pack import _dataset_id
+
+    manifest["id"] = ws.add_artifact("tokenizer", out, manifest, parents=[_dataset_id(corpus)])
     write_manifest(out, manifest)
     return out
 
