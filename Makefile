@@ -24,3 +24,4 @@ quickstart: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/pretrain_throughput.py
 	$(VENV)/bin/python bench/generate_throughput.py
+	$(VENV)/bin/python bench/curate_throughput.py

@@ -45,10 +45,13 @@ def curate(ctx: typer.Context,
            n: int = typer.Option(13, "--n", help="ngrams: words (or tokens) per n-gram.")):
     """Curate raw sources into a dataset: filter, deduplicate, redact PII, score toxicity, balance domains.
 
-    fmkit curate RECIPE.yaml [--section.key=value ...] writes Parquet shards, manifest.json (every block's
-    kept/dropped counts by reason) and rejected/ (each dropped document with its block and reason). An interrupted
-    run continues from its finished units when run again. Then: fmkit curate report DATASET (tables, report.png,
-    report.html) and fmkit curate ngrams DATASET (a 13-gram index for contamination checks).
+    fmkit curate RECIPE.yaml [--section.key=value ...]: Parquet shards, manifest.json and rejected/.
+
+    fmkit curate report DATASET: the accounting as tables, plus report.png and report.html.
+
+    fmkit curate ngrams DATASET|SHARDS: a 13-gram index for contamination checks.
+
+    An interrupted run continues from its finished units when run again (--fresh starts over).
     """
     from .progress import report as console
 

@@ -98,20 +98,21 @@ def _run_units(job, specs, units, rec) -> dict:
         status(f"curate: resuming, {len(stats)} of {len(units)} units already done")
     workers = rec.workers or os.cpu_count() or 1
     docs = sum(s["docs_in"] for s in stats.values())
-    with progress_bar("curate", "docs", "{task.fields[units]} units") as bar:
-        task = bar.add_task("reading and filtering", total=None, units=f"{len(stats)}/{len(units)}")
-        bar.update(task, completed=docs)
-        t0, last = time.time(), 0.0
+    with progress_bar("curate", "units", "{task.fields[docs]:,} docs, {task.fields[rate]:,.0f} docs/s") as bar:
+        task = bar.add_task("reading, filtering, signing", total=len(units), completed=len(stats), docs=docs,
+                            rate=0.0)
+        t0, last, fresh = time.time(), 0.0, 0
 
         def on_done(s):
-            nonlocal docs, last
+            nonlocal docs, last, fresh
             stats[s["uid"]] = s
             docs += s["docs_in"]
-            bar.update(task, completed=docs, units=f"{len(stats)}/{len(units)}")
+            fresh += s["docs_in"]
+            rate = fresh / max(time.time() - t0, 1e-9)
+            bar.update(task, completed=len(stats), docs=docs, rate=rate)
             if time.time() - last > 10 or len(stats) == len(units):
                 last = time.time()
-                status(f"curate: {len(stats)}/{len(units)} units, {docs:,} documents, "
-                       f"{docs / max(time.time() - t0, 1e-9):,.0f} docs/s")
+                status(f"curate: {len(stats)}/{len(units)} units, {docs:,} documents, {rate:,.0f} docs/s")
 
         reused = len(stats)
         execute(job, todo, workers, rec.executor, on_done)

@@ -19,17 +19,18 @@ from dataclasses import dataclass
 import numpy as np
 
 _PUNCT = re.compile(r"[^\w\s]|_")
-_NUMBERS = re.compile(r"\d+")
+_NUMBERS = re.compile(r"\d+(?:[.,]\d+)?")
 _SPACE = re.compile(r"\s+")
 
 
 def normalize(text: str) -> str:
-    text = text.lower()
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c)) if not text.isascii() else text
-    text = _PUNCT.sub(" ", text)
-    text = _NUMBERS.sub("0", text)
-    return _SPACE.sub(" ", text).strip()
+    """datatrove's order: lowercase, numbers (with a decimal part) to 0, punctuation to spaces, whitespace
+    collapsed, diacritics stripped."""
+    text = _NUMBERS.sub("0", text.lower())
+    text = _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
+    if not text.isascii():
+        text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+    return text
 
 
 def exact_hash(text: str) -> int:

@@ -87,7 +87,7 @@ class GopherQuality(Block):
         alpha = sum(1 for w in words if any(c.isalpha() for c in w))
         if alpha / n_words < self.max_non_alpha_words_ratio:
             return "gopher_below_alpha_threshold"
-        if sum(1 for w in words if w in self._stop) < self.min_stop_words:
+        if len(self._stop.intersection(words)) < self.min_stop_words:  # distinct stop words, case-sensitive
             return "gopher_enough_stop_words"
         return None
 
