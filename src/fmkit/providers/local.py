@@ -1,0 +1,215 @@
+"""A local Hugging Face-format model folder (fmkit's, or any `transformers` causal LM on disk), batched.
+
+Log-likelihoods follow lm-evaluation-harness exactly: trailing whitespace of the context moves to the
+continuation; continuation tokens are enc(context + continuation)[len(enc(context)):]; an empty context is
+replaced by the EOS token; no BOS is added; over-long inputs keep their last `max_length` tokens.
+
+Speed: all continuations of one context are scored in ONE forward pass. The context's tokens are followed by
+every continuation, each continuation's positions restart where the context ends, and a block mask lets each
+continuation see the context and itself only, so the result equals scoring each pair on its own, while the
+context is computed once (multiple choice has one context and 2-10 choices). Groups are sorted by length and
+batched, so padding is small.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..errors import FmkitError
+from ..workspace import read_manifest
+from .base import GenRequest, Model
+
+
+class LocalModel(Model):
+    capabilities = frozenset({"loglikelihood", "generate", "chat"})
+
+    def __init__(self, folder: str | Path, batch_size: int = 16, dtype: str = "fp32", trust_pickle: bool = False,
+                 share_context: bool = True, max_length: int = 0):
+        super().__init__()
+        from ..models.build import arch_of
+        from ..models.io import load_config, load_model
+        from ..tokenize.tokenizer import load_tokenizer
+
+        self.folder = Path(folder)
+        config = load_config(self.folder)
+        if arch_of(config) != "decoder":
+            raise FmkitError(f"{self.folder} is an {arch_of(config)} model; evaluation needs a causal LM "
+                             "(decoder) folder")
+        self.model = load_model(self.folder, trust_pickle=trust_pickle)
+        if dtype == "bf16":
+            self.model = self.model.to(torch.bfloat16)
+        self.tok = load_tokenizer(self.folder)
+        self.name = self.folder.name
+        self.batch_size = max(1, batch_size)
+        self.share_context = share_context
+        cfg = self.model.config
+        self.max_length = max_length or next((getattr(cfg, k) for k in ("max_position_embeddings", "n_positions",
+                                                                          "n_ctx") if getattr(cfg, k, None)), 2048)
+        self.prefix_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        self._gen = None
+
+    def describe(self) -> dict:
+        m = read_manifest(self.folder)
+        return {"name": self.name, "backend": "local", "path": str(self.folder.resolve()), "id": m.get("id", ""),
+                "lineage": {k: m[k] for k in ("dataset", "dataset_id", "shards", "shards_id", "parent", "steps",
+                                               "tokens_seen") if k in m}}
+
+    # ---- log-likelihoods -------------------------------------------------------------------------------------
+    def enc(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        if not context:
+            return [self.prefix_id], self.enc(continuation)
+        whole = self.enc(context + continuation)
+        ctx = self.enc(context)
+        return ctx, whole[len(ctx):]
+
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool, int]]:
+        pairs = [self.encode_pair(c, x) for c, x in requests]
+        for (c, x), (ctx, cont) in zip(requests, pairs):
+            if not cont:
+                raise FmkitError(f"continuation {x!r} encodes to no tokens after context {c[-40:]!r}")
+        return self.loglikelihood_tokens(pairs)
+
+    def loglikelihood_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool, int]]:
+        """Score (context tokens, continuation tokens) pairs; results in input order."""
+        out: list = [None] * len(pairs)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (ctx, cont) in enumerate(pairs):
+            fits = len(ctx) + len(cont) <= self.max_length + 1
+            key = tuple(ctx) if (self.share_context and fits) else ("single", i)
+            groups[key].append(i)
+        units = []   # (input ids, positions, [(request index, logit rows, target ids)]), one row of the batch each
+        for key, idxs in groups.items():
+            if key and key[0] == "single":
+                ctx, cont = pairs[idxs[0]]
+                whole = (ctx + cont)[-(self.max_length + 1):]
+                ids = whole[:-1]
+                n = len(cont)
+                rows = list(range(len(ids) - n, len(ids)))
+                units.append((ids, list(range(len(ids))), [(idxs[0], rows, cont)], None))
+                continue
+            ctx = list(key)
+            ids, pos, spans = ctx[:-1], list(range(len(ctx) - 1)), []
+            segments = [(0, len(ids))]     # causal runs that each continuation may see: the context
+            for i in idxs:
+                cont = pairs[i][1]
+                start = len(ids)
+                # the continuation's input is [last context token] + cont[:-1]; its targets are cont
+                ids += [ctx[-1]] + cont[:-1]
+                pos += list(range(len(ctx) - 1, len(ctx) - 1 + len(cont)))
+                spans.append((i, list(range(start, start + len(cont))), cont))
+                segments.append((start, len(ids)))
+            units.append((ids, pos, spans, segments))
+        units.sort(key=lambda u: -len(u[0]))
+        with torch.inference_mode():
+            for b in range(0, len(units), self.batch_size):
+                self._score_batch(units[b:b + self.batch_size], out)
+        return out
+
+    def _score_batch(self, batch, out) -> None:
+        width = max(len(u[0]) for u in batch)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        pos = torch.zeros((len(batch), width), dtype=torch.long)
+        allowed = torch.zeros((len(batch), width, width), dtype=torch.bool)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        for r, (u_ids, u_pos, _, segments) in enumerate(batch):
+            n = len(u_ids)
+            ids[r, :n] = torch.tensor(u_ids)
+            pos[r, :n] = torch.tensor(u_pos)
+            if segments is None:
+                allowed[r, :n, :n] = causal[:n, :n]
+            else:
+                c0, c1 = segments[0]
+                allowed[r, c0:c1, c0:c1] = causal[:c1 - c0, :c1 - c0]
+                for s0, s1 in segments[1:]:
+                    allowed[r, s0:s1, c0:c1] = True                       # every context token
+                    allowed[r, s0:s1, s0:s1] = causal[:s1 - s0, :s1 - s0]  # and itself, causally
+            allowed[r, n:, :] = False
+            allowed[r, torch.arange(n, width), torch.arange(n, width)] = True   # padding sees itself (no NaN)
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros((len(batch), 1, width, width), dtype=dtype).masked_fill(~allowed[:, None],
+                                                                                    torch.finfo(dtype).min)
+        logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for r, (_, _, spans, _) in enumerate(batch):
+            for i, rows, targets in spans:
+                lp = logp[r, rows]
+                t = torch.tensor(targets)
+                ll = lp.gather(-1, t[:, None]).sum().item()
+                greedy = bool((lp.argmax(-1) == t).all())
+                out[i] = (ll, greedy, len(targets))
+
+    def loglikelihood_rolling(self, texts: list[str]) -> list[tuple[float, int]]:
+        """Whole-text log-likelihood in disjoint windows of max_length predicted tokens (lm-eval's rolling)."""
+        results = []
+        for text in texts:
+            tokens = self.enc(text)
+            pairs, prev = [], [self.prefix_id]
+            for s in range(0, len(tokens), self.max_length):
+                chunk = tokens[s:s + self.max_length]
+                ctx = (prev + tokens[:s])[-(self.max_length - len(chunk) + 1):] if s else prev
+                pairs.append((ctx, chunk))
+            lls = self.loglikelihood_tokens(pairs) if pairs else []
+            results.append((sum(r[0] for r in lls), len(tokens)))
+        return results
+
+    # ---- generation ------------------------------------------------------------------------------------------
+    def generate(self, requests: list[GenRequest]) -> list[str]:
+        from ..generate import Generator
+
+        if self._gen is None:
+            self._gen = Generator.from_model(self.model, self.tok)
+        out: list = [None] * len(requests)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            if not isinstance(r.prompt, str):
+                raise FmkitError("generate takes text prompts; chat messages go to chat()")
+            groups[(tuple(r.until), r.max_tokens, r.temperature, r.seed)].append(i)
+        for (until, max_tokens, temperature, seed), idxs in groups.items():
+            idxs.sort(key=lambda i: len(requests[i].prompt))
+            for b in range(0, len(idxs), self.batch_size):
+                part = idxs[b:b + self.batch_size]
+                room = self.max_length - max_tokens
+                prompts = [self.tok.decode(self.enc(requests[i].prompt)[-room:]) for i in part]
+                done = self._gen(prompts, max_new_tokens=max_tokens, temperature=temperature, stop=list(until),
+                                 seed=seed)
+                for i, c in zip(part, done):
+                    out[i] = c.text
+        return out
+
+    def chat(self, requests: list[GenRequest]) -> list[str]:
+        if not getattr(self.tok, "chat_template", None):
+            raise FmkitError(f"{self.folder} has no chat template in its tokenizer config; evaluate with "
+                             "`chat: false` (plain prompts), or fine-tune with SFT, which saves one")
+        plain = [GenRequest(self.tok.apply_chat_template(r.prompt, tokenize=False, add_generation_prompt=True),
+                            r.until, r.max_tokens, r.temperature, r.seed) for r in requests]
+        return self.generate(plain)
+
+
+def bits_per_byte(loglikelihood: float, n_bytes: int) -> float:
+    return -loglikelihood / math.log(2) / max(1, n_bytes)
+
+
+def token_logprobs(model: LocalModel, texts: list[str]) -> list[list[float]]:
+    """Log-probability of each token of each text given the tokens before it (the first token given EOS)."""
+    pairs = []
+    for t in texts:
+        ids = model.enc(t)[-model.max_length:]
+        pairs.append(([model.prefix_id], ids))
+    out = []
+    with torch.inference_mode():
+        for ctx, ids in pairs:
+            x = torch.tensor([ctx + ids[:-1]])
+            logp = torch.log_softmax(model.model(input_ids=x).logits.float(), -1)[0]
+            out.append(logp.gather(-1, torch.tensor(ids)[:, None])[:, 0].tolist() if ids else [])
+    return out
