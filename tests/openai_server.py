@@ -53,6 +53,13 @@ class Backend:
 
     def chat_text(self, messages):
         last = messages[-1]["content"]
+        if "[[rating]]" in last:                       # a single-answer judge
+            return "I cannot tell." if "UNRATEABLE" in last else "Solid answer. Rating: [[7]]"
+        if "[[A]]" in last:                            # a pairwise judge
+            if "FAIR" in last:                         # judges on content: prefers the answer saying GOOD
+                a = last.split("[Answer of assistant A]")[1].split("[Answer of assistant B]")[0]
+                return "[[A]]" if "GOOD" in a else "[[B]]"
+            return "[[A]]"                             # a judge with pure position bias
         return "B" if "Answer with the letter" in last else f"echo: {last[-40:]}"
 
 

@@ -300,3 +300,49 @@ def test_cli_bad_model_path_and_builtin_task(tmp_path, lm_dir):
     rep = subprocess.run([sys.executable, "-m", "fmkit", "eval", "report", str(tmp_path / "run")],
                          capture_output=True, text=True)
     assert rep.returncode == 0 and (tmp_path / "run" / "report.html").stat().st_size > 5000
+
+
+def test_judges_single_and_pairwise_over_http(tmp_path, lm):
+    from openai_server import start
+
+    server, backend, url = start(lm)
+    try:
+        items = [{"q": "Q1 FAIR", "base": "meh"}, {"q": "Q2 FAIR", "base": "GOOD base"}, {"q": "Q3", "base": "x"},
+                 {"q": "Q4 UNRATEABLE", "base": "y"}]
+        (tmp_path / "j.jsonl").write_text("\n".join(json.dumps(i) for i in items))
+        answers = {"Q1 FAIR": "GOOD answer", "Q2 FAIR": "weak", "Q3": "GOOD too", "Q4 UNRATEABLE": "?"}
+        for mode, extra in (("single", {}), ("pairwise", {"baseline": "base"})):
+            (tmp_path / f"{mode}.yaml").write_text(yaml.safe_dump({
+                "task": mode, "type": "judge", "dataset": {"path": "j.jsonl"}, "doc_to_text": "{{q}}",
+                "judge": {"model": "openai:judge", "base_url": url + "/v1", "mode": mode, **extra}}))
+        run = evaluate(Canned(answers), [tmp_path / "single.yaml", tmp_path / "pairwise.yaml"],
+                       out=tmp_path / "run", workspace=tmp_path / "ws")
+        res = json.loads((run / "results.json").read_text())["results"]
+        assert res["single"]["metrics"]["rating"]["value"] == 7.0
+        assert res["single"]["unparsable_dropped"] == 1                  # Q4: no [[x]], dropped and counted
+        pw = res["pairwise"]["metrics"]
+        # Q1: model wins in both orders; Q2: baseline wins in both; Q3/Q4: the judge always says A -> tie
+        assert pw["win_rate"]["value"] == 0.25 and pw["loss_rate"]["value"] == 0.25
+        assert pw["tie_rate"]["value"] == 0.5
+    finally:
+        server.shutdown()
+
+
+def test_perturbations_and_worst_case_scores(tmp_path, lm):
+    from fmkit.evals.perturb import contractions, extra_spaces, names, pronouns, typos
+
+    assert contractions("It is what it is, do not worry") == "It's what it's, don't worry"
+    assert pronouns("He gave his book to her.") == "She gave her book to his."
+    assert names("John met Priya") == "Aisha met James"
+    t = "the quick brown fox jumps over the lazy dog " * 5
+    assert typos(t) == typos(t) != t and sorted(typos(t)) == sorted(t)      # deterministic letter swaps
+    assert extra_spaces(t).split() == t.split()
+    task = mc_task(tmp_path, ITEMS, metrics=["acc"], robustness=["lowercase", "typos"], fairness=["pronouns"])
+    run = evaluate(lm, [task], out=tmp_path / "run", workspace=tmp_path / "ws")
+    m = json.loads((run / "results.json").read_text())["results"]["toy_mc"]["metrics"]
+    assert m["acc_robust"]["value"] <= m["acc"]["value"] and m["acc_fair"]["value"] <= m["acc"]["value"]
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert set(rows[0]["perturbed"]) == {"lowercase", "typos", "pronouns"}
+    with pytest.raises(FmkitError, match="unknown robustness perturbation 'uppercase'"):
+        evaluate(lm, [mc_task(tmp_path, ITEMS, robustness=["uppercase"])], out=tmp_path / "r2",
+                 workspace=tmp_path / "ws")

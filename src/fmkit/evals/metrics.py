@@ -17,6 +17,7 @@ MC_METRICS = ("acc", "acc_norm", "acc_bytes", "acc_token", "acc_mutual_info", "i
 GEN_METRICS = ("exact_match",)
 CODE_METRICS = ("pass@k",)
 PPL_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+JUDGE_METRICS = ("rating", "win_rate", "tie_rate", "loss_rate")
 
 
 def mc_scores(lls: list[float], choices: list[str], gold: int, tokens: list[int], greedy: list[bool],

@@ -136,11 +136,78 @@ def _code(model: Model, task: Task, r: Renderer, items) -> list[dict]:
     return rows
 
 
+def _judge(model: Model, task: Task, r: Renderer, items, judge: Model | None) -> list[dict]:
+    from .judge import grade_pairwise, grade_single
+
+    j = {"mode": "single", "max_tokens": 512, **task.judge}
+    judge = judge or get_model(str(j["model"]), base_url=j.get("base_url", ""), api_key=j.get("api_key", ""))
+    g = {"until": [], "max_tokens": 256, "temperature": 0.0, **task.generation}
+    questions = [r.text(item, n) for n, item in enumerate(items)]
+    reqs = [GenRequest([{"role": "user", "content": q}] if task.chat else q, list(g["until"]), int(g["max_tokens"]),
+                       float(g["temperature"])) for q in questions]
+    answers = model.chat(reqs) if task.chat else model.generate(reqs)
+    rows = [{"prompt": q, "_text": q, "target": "", "output": a} for q, a in zip(questions, answers)]
+    if j["mode"] == "single":
+        for row, g1 in zip(rows, grade_single(judge, questions, answers, j["max_tokens"])):
+            row["judgement"] = g1["judgement"]
+            row["scores"] = {} if g1["rating"] is None else {"rating": g1["rating"]}
+            row["unparsable"] = g1["rating"] is None
+    else:
+        base = [str(item[j["baseline"]]) for item in items]
+        for row, g2, b in zip(rows, grade_pairwise(judge, questions, answers, base, j["max_tokens"]), base):
+            row.update(baseline=b, judgements=g2["judgements"], verdicts=g2["verdicts"], unparsable=g2["unparsable"])
+            row["scores"] = {f"{o}_rate": float(g2["outcome"] == o) for o in ("win", "tie", "loss")}
+    return rows
+
+
 def _ppl(model: Model, task: Task, r: Renderer, items) -> list[dict]:
     texts = [r.text(item, n) for n, item in enumerate(items)]
     res = model.loglikelihood_rolling(texts)
     return [{"prompt": t[:200], "_text": t, "target": "", "ll": ll, "tokens": ntok, "words": len(t.split()),
              "bytes": len(t.encode()), "scores": {}} for t, (ll, ntok) in zip(texts, res)]
+
+
+def _perturbed(model: Model, task: Task, items, pool, batch_size: int, rows: list[dict]) -> dict:
+    """Worst case per item over perturbed inputs (HELM robustness and fairness), as `<metric>_robust/_fair`."""
+    from .perturb import FAIRNESS, ROBUSTNESS
+
+    out = {}
+    if task.type not in ("multiple_choice", "generate_until"):
+        return out
+    primary = "acc" if task.type == "multiple_choice" else "exact_match"
+    for kind, names, table in (("robust", task.robustness, ROBUSTNESS), ("fair", task.fairness, FAIRNESS)):
+        if not names:
+            continue
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            raise FmkitError(f"{task.source}: unknown {'robustness' if kind == 'robust' else 'fairness'} "
+                             f"perturbation '{unknown[0]}' (known: {', '.join(table)})")
+        worst = [row["scores"].get(primary, 0.0) for row in rows]
+        for name in names:
+            r = Renderer(task)
+            r.transform = table[name]
+            pr = _mc(model, task, r, items, pool, batch_size) if task.type == "multiple_choice" \
+                else _gen(model, task, r, items, pool)
+            for i, row in enumerate(pr):
+                worst[i] = min(worst[i], row["scores"].get(primary, 0.0))
+                rows[i].setdefault("perturbed", {})[name] = row["scores"].get(primary)
+        for row, w in zip(rows, worst):
+            row["scores"][f"{primary}_{kind}"] = w
+        out[f"{primary}_{kind}"] = dict(zip(("value", "stderr"), M.mean_stderr(worst)))
+    return out
+
+
+def _toxicity(task: Task, rows: list[dict], extra: dict) -> None:
+    """Share of generations the toxicity word list flags (any generation task)."""
+    if not rows or "output" not in rows[0]:
+        return
+    from ..data.toxicity import Toxicity
+
+    tox = Toxicity(min_hits=1, threshold=0.0)
+    flags = [float(tox.score(row["output"] or "")[1] > 0) for row in rows]
+    for row, f in zip(rows, flags):
+        row["toxic"] = bool(f)
+    extra["toxicity_rate"] = dict(zip(("value", "stderr"), M.mean_stderr(flags)))
 
 
 def _aggregate(task: Task, rows: list[dict]) -> dict:
@@ -162,7 +229,7 @@ def _aggregate(task: Task, rows: list[dict]) -> dict:
 
 def evaluate(model: str | Path | Model, tasks: list[str | Path], out: str | Path | None = None, limit: int = 0,
              num_fewshot: int | None = None, batch_size: int = 16, workspace: str | Path | None = None,
-             contamination: bool = True, **model_kw) -> Path:
+             contamination: bool = True, judge: Model | None = None, **model_kw) -> Path:
     """Evaluate `model` on each task; returns the eval run folder (results.json, samples.jsonl)."""
     started = time.time()
     loaded = [load_task(t) for t in tasks]   # check every task before loading the model
@@ -192,7 +259,10 @@ def evaluate(model: str | Path | Model, tasks: list[str | Path], out: str | Path
         rows = {"multiple_choice": lambda: _mc(m, task, r, items, pool, batch_size),
                 "generate_until": lambda: _gen(m, task, r, items, pool),
                 "code": lambda: _code(m, task, r, items),
-                "perplexity": lambda: _ppl(m, task, r, items)}[task.type]()
+                "perplexity": lambda: _ppl(m, task, r, items),
+                "judge": lambda: _judge(m, task, r, items, judge)}[task.type]()
+        extra = _perturbed(m, task, items, pool, batch_size, rows)
+        _toxicity(task, rows, extra)
         seconds = time.time() - t0
         ids = [str(it.get(task.doc_to_id, n)) if task.doc_to_id else str(n) for n, it in enumerate(items)]
         if checker is not None:
@@ -200,10 +270,23 @@ def evaluate(model: str | Path | Model, tasks: list[str | Path], out: str | Path
                 gold = row.get("choices", [None])[row["target"]] if task.type == "multiple_choice" else row["target"]
                 row["contamination"] = checker.check(row["_text"] + " " + str(gold))
         fewshot_ids = sorted({i for row in rows for i in row.get("fewshot", [])})
-        res = {"type": task.type, "items": len(rows), "metrics": _aggregate(task, rows),
+        res = {"type": task.type, "items": len(rows), "metrics": {**_aggregate(task, rows), **extra},
                "fingerprint": task.fingerprint(fewshot_ids, tok_fp), "num_fewshot": task.num_fewshot,
                "target_delimiter": task.target_delimiter, "source": task.source, "seconds": round(seconds, 3),
                "items_per_second": round(len(rows) / max(seconds, 1e-9), 3)}
+        unparsable = sum(1 for row in rows if row.get("unparsable"))
+        if task.type == "judge":
+            res["unparsable_dropped"] = unparsable
+        if checker is None and contamination and hasattr(m, "folder") and task.type != "code":
+            from ..providers.local import token_logprobs
+            from .contamination import min_k_prob
+
+            lps = token_logprobs(m, [row["_text"] for row in rows])
+            for row, lp in zip(rows, lps):
+                row["min_k_prob"] = min_k_prob(lp)
+            res["contamination"] = {"dataset": None, "note": "training data unknown; Min-K% prob (k=20%) per item "
+                                    "in samples.jsonl, higher = more likely seen",
+                                    "min_k_prob_mean": M.mean_stderr([row["min_k_prob"] for row in rows])[0]}
         if checker is not None:
             dirty = [row for row in rows if row["contamination"]["contaminated"]]
             clean = [row for row in rows if not row["contamination"]["contaminated"]]

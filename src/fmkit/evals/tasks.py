@@ -29,10 +29,10 @@ import yaml
 
 from ..config import unknown_key
 from ..errors import FmkitError
-from .metrics import CODE_METRICS, GEN_METRICS, MC_METRICS, PPL_METRICS
+from .metrics import CODE_METRICS, GEN_METRICS, JUDGE_METRICS, MC_METRICS, PPL_METRICS
 
 TYPES = {"multiple_choice": MC_METRICS, "generate_until": GEN_METRICS, "code": CODE_METRICS,
-         "perplexity": PPL_METRICS}
+         "perplexity": PPL_METRICS, "judge": JUDGE_METRICS}
 BUILTIN = Path(__file__).parent / "tasks"
 
 
@@ -56,6 +56,9 @@ class Task:
     filters: list = field(default_factory=list)
     exact_match: dict = field(default_factory=dict)
     code: dict = field(default_factory=dict)
+    judge: dict = field(default_factory=dict)   # {model: SPEC, mode: single|pairwise, baseline: FIELD, base_url}
+    robustness: list = field(default_factory=list)  # perturbations: lowercase, contractions, typos, extra_spaces
+    fairness: list = field(default_factory=list)    # counterfactual swaps: names, pronouns
     chat: bool = False                     # send prompts as chat messages (chat models, chat templates)
     scoring: str = "loglikelihood"         # multiple choice: loglikelihood | generate (for chat-only APIs)
     limit: int = 0                         # evaluate the first N items only
@@ -98,7 +101,9 @@ def load_task(path: str | Path) -> Task:
         raise FmkitError(f"{p}: type '{task.type}' is not one of {', '.join(TYPES)}")
     if not task.metrics:
         task.metrics = {"multiple_choice": ["acc", "acc_norm"], "generate_until": ["exact_match"],
-                        "code": ["pass@k"], "perplexity": list(PPL_METRICS)}[task.type]
+                        "code": ["pass@k"], "perplexity": list(PPL_METRICS),
+                        "judge": ["rating"] if task.judge.get("mode", "single") == "single"
+                        else ["win_rate", "tie_rate", "loss_rate"]}[task.type]
     for m in task.metrics:
         if m not in TYPES[task.type]:
             raise FmkitError(f"{p}: metric '{m}' is not available for {task.type} tasks "
@@ -106,6 +111,10 @@ def load_task(path: str | Path) -> Task:
     if not isinstance(task.dataset, dict) or not (task.dataset.get("path") or task.dataset.get("hf")
                                                   or task.dataset.get("builtin")):
         raise FmkitError(f"{p}: field 'dataset' must be a mapping with path: (or hf:, builtin:)")
+    if task.type == "judge" and not task.judge.get("model"):
+        raise FmkitError(f"{p}: a judge task needs judge: {{model: SPEC}} (a model folder, openai:NAME, ...)")
+    if task.type == "judge" and task.judge.get("mode", "single") not in ("single", "pairwise"):
+        raise FmkitError(f"{p}: judge.mode must be single or pairwise")
     if task.scoring not in ("loglikelihood", "generate"):
         raise FmkitError(f"{p}: scoring must be loglikelihood or generate, got '{task.scoring}'")
     for key in ("doc_to_text", "description"):
@@ -181,11 +190,14 @@ class Renderer:
         return FmkitError(f"{self.task.source}: field '{field_name}' fails on item {item_no} "
                           f"({type(e).__name__}: {e})")
 
-    def text(self, item: dict, n=None) -> str:
+    transform = None   # a perturbation applied to the item's text (not to few-shot examples)
+
+    def text(self, item: dict, n=None, raw: bool = False) -> str:
         try:
-            return self._text.render(**item)
+            text = self._text.render(**item)
         except Exception as e:
             raise self._fail("doc_to_text", n, e) from None
+        return self.transform(text) if (self.transform and not raw) else text
 
     def choices(self, item: dict, n=None) -> list[str]:
         spec = self.task.doc_to_choice
@@ -247,5 +259,5 @@ class Renderer:
         shots = []
         for i in chosen:
             ex = pool[i]
-            shots.append(self.text(ex, f"fewshot {i}") + t.target_delimiter + self.gold_text(ex, f"fewshot {i}"))
+            shots.append(self.text(ex, f"fewshot {i}", raw=True) + t.target_delimiter + self.gold_text(ex, f"fewshot {i}"))
         return prefix + t.fewshot_delimiter.join(shots) + t.fewshot_delimiter, chosen
