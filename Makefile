@@ -25,3 +25,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/pretrain_throughput.py
 	$(VENV)/bin/python bench/generate_throughput.py
 	$(VENV)/bin/python bench/curate_throughput.py
+	$(VENV)/bin/python bench/eval_throughput.py
