@@ -95,6 +95,11 @@ def start(model):
                                         "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
                                         "message": {"role": "assistant", "content": text}}],
                                         "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}})
+            if self.path == "/v1/embeddings":
+                vec = backend.model.embed([body["input"]])[0].tolist()
+                return self._send(200, {"object": "list", "model": body["model"], "data": [
+                    {"object": "embedding", "index": 0, "embedding": vec}],
+                    "usage": {"prompt_tokens": 3, "total_tokens": 3}})
             if self.path == "/v1/messages":
                 text = backend.chat_text(body["messages"])
                 return self._send(200, {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],

@@ -202,6 +202,8 @@ def test_openai_backend_over_real_http(tmp_path, lm, monkeypatch):
         hits = len(backend.hits)
         assert remote.loglikelihood(reqs) == got                # from the SQLite cache: no new requests
         assert len(backend.hits) == hits and remote.usage.cached == 2
+        vecs = remote.embed(["def f(x):", "import os"])
+        assert vecs.shape == (2, 64) and abs(float((vecs[0] * lm.embed(["def f(x):"])[0]).sum()) - 1) < 1e-4
         out = remote.chat([GenRequest("hello there")])
         assert out == ["echo: hello there"] and remote.usage.prompt_tokens > 0
         run = evaluate(remote, [mc_task(tmp_path, ITEMS[:4], metrics=["acc", "acc_norm"])], out=tmp_path / "run",

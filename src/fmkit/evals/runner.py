@@ -273,7 +273,8 @@ def evaluate(model: str | Path | Model, tasks: list[str | Path], out: str | Path
         res = {"type": task.type, "items": len(rows), "metrics": {**_aggregate(task, rows), **extra},
                "fingerprint": task.fingerprint(fewshot_ids, tok_fp), "num_fewshot": task.num_fewshot,
                "target_delimiter": task.target_delimiter, "source": task.source, "seconds": round(seconds, 3),
-               "items_per_second": round(len(rows) / max(seconds, 1e-9), 3)}
+               "items_per_second": round(len(rows) / max(seconds, 1e-9), 3),
+               "seconds_per_item": round(seconds / max(len(rows), 1), 4)}
         unparsable = sum(1 for row in rows if row.get("unparsable"))
         if task.type == "judge":
             res["unparsable_dropped"] = unparsable

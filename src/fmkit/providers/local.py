@@ -24,7 +24,7 @@ from .base import GenRequest, Model
 
 
 class LocalModel(Model):
-    capabilities = frozenset({"loglikelihood", "generate", "chat"})
+    capabilities = frozenset({"loglikelihood", "generate", "chat", "embed"})
 
     def __init__(self, folder: str | Path, batch_size: int = 16, dtype: str = "fp32", trust_pickle: bool = False,
                  share_context: bool = True, max_length: int = 0):
@@ -162,6 +162,20 @@ class LocalModel(Model):
             lls = self.loglikelihood_tokens(pairs) if pairs else []
             results.append((sum(r[0] for r in lls), len(tokens)))
         return results
+
+    def embed(self, texts: list[str]):
+        """Mean of the last hidden states over each text's tokens (L2-normalised), one vector per text."""
+        out = []
+        with torch.inference_mode():
+            for b in range(0, len(texts), self.batch_size):
+                enc = [self.enc(t)[:self.max_length] or [self.prefix_id] for t in texts[b:b + self.batch_size]]
+                width = max(map(len, enc))
+                ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
+                mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
+                h = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+                v = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+                out.append(torch.nn.functional.normalize(v.float(), dim=-1))
+        return torch.cat(out).numpy()
 
     # ---- generation ------------------------------------------------------------------------------------------
     def generate(self, requests: list[GenRequest]) -> list[str]:

@@ -14,7 +14,7 @@ from .remote import RemoteModel, cut_at_stop
 
 class OpenAIModel(RemoteModel):
     provider = "openai"
-    capabilities = frozenset({"chat", "generate", "loglikelihood"})
+    capabilities = frozenset({"chat", "generate", "loglikelihood", "embed"})
 
     def __init__(self, model: str, base_url: str = "", api_key: str = "", timeout: float = 120.0, **kw):
         try:
@@ -73,6 +73,20 @@ class OpenAIModel(RemoteModel):
                 (u.completion_tokens if u else 0)
         return self._map("generate", requests, one, lambda r: r.temperature == 0)
 
+    def embed(self, texts: list[str]):
+        import numpy as np
+
+        def one(text):
+            try:
+                resp = self.client.embeddings.create(model=self.model_name, input=text)
+            except self.retryable:
+                raise
+            except self._openai.APIError as e:
+                raise self._fail("embed", e) from None
+            u = resp.usage
+            return list(resp.data[0].embedding), (u.prompt_tokens if u else 0), 0
+        return np.array(self._map("embed", list(texts), one, lambda t: True), dtype=np.float32)
+
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool, int]]:
         def one(req):
             ctx, cont = req
@@ -106,4 +120,5 @@ ALT = {
                      "(task option `scoring: generate`)",
     "generate": "this endpoint has no /v1/completions; evaluate with `chat: true`",
     "chat": "this endpoint has no /v1/chat/completions; evaluate with `chat: false`",
+    "embed": "this endpoint has no /v1/embeddings; use a local model folder for embeddings",
 }
