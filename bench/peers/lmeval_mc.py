@@ -2,7 +2,7 @@
 
 Runs with the interpreter of the environment built by bench/peers/lmeval_env.sh (never the project's .venv):
 
-    python lmeval_mc.py --model MODEL_DIR --data ITEMS.jsonl --batch-size N --out RESULT.json [--limit K]
+    python lmeval_mc.py --model MODEL_DIR --data ITEMS.jsonl --batch-size N --out RESULT.json [--limit K] [--threads T]
 
 ITEMS.jsonl holds one {"id": str, "question": str, "choices": [str, ...], "answer": int} per line. --limit K keeps
 the first K lines (the file is cut before lm-eval sees it, so lm-eval's own --limit is not involved).
@@ -19,15 +19,24 @@ so each choice becomes one loglikelihood request (context = question, continuati
 lm-eval's `hf` backend (HFLM) with pretrained=MODEL_DIR, dtype=float32, device=cpu and the given batch size; all
 its other arguments keep their defaults (add_bos_token unset, logits_cache on, max_length from the model config).
 
-Timing: the model is built with the registry call that lm_eval.simple_evaluate itself makes for model="hf"
-(get_model("hf").create_from_arg_obj), and the built LM is then passed to simple_evaluate, so the model load
-(seconds_load) and the evaluation (seconds_eval: task/dataset set-up, request building, scoring, metrics) are timed
-apart; seconds_total is their sum. seconds_loglikelihood is the time inside HFLM.loglikelihood alone.
+Timing (wall clock, perf_counter):
+  seconds_load          importing torch + lm_eval and building the model with the registry call that
+                        lm_eval.simple_evaluate itself makes for model="hf" (get_model("hf").create_from_arg_obj)
+  seconds_task_index    TaskManager(include_path=...): lm-eval indexes every task YAML it ships (~15k) plus ours,
+                        a fixed start-up cost that does not depend on the task or the model
+  seconds_eval          lm_eval.simple_evaluate(model=<the built LM>, ...): task and dataset set-up, request
+                        building, tokenization, scoring, metrics and sample logging; excludes both of the above
+  seconds_loglikelihood the part of seconds_eval spent inside HFLM.loglikelihood (tokenization + forward passes)
+  seconds_total         seconds_load + seconds_task_index + seconds_eval
+--threads T sets torch's intra-op thread count (default: torch's own choice, reported in config.torch_threads).
 
-RESULT.json: {"items", "seconds_total", "seconds_eval", "seconds_load", "seconds_loglikelihood", "acc",
-"acc_norm", "acc_stderr", "acc_norm_stderr", "per_item": [{"id", "loglikelihoods", "is_greedy", "acc",
-"acc_norm"}], "requests", "forward_rows", "forward_calls", "config", "versions"}. per_item is in file order;
+RESULT.json: {"items", "seconds_total", "seconds_eval", "seconds_load", "seconds_task_index",
+"seconds_loglikelihood", "acc", "acc_norm", "acc_stderr", "acc_norm_stderr",
+"per_item": [{"id", "loglikelihoods", "is_greedy", "acc", "acc_norm"}], "requests", "forward_rows", "forward_calls",
+"config", "versions"}. per_item is in file order;
 loglikelihoods are the summed log-probabilities of each choice's continuation tokens, in choice order.
+"requests" counts loglikelihood requests (items x choices); "forward_rows" counts the sequences that reached the
+model, fewer when lm-eval's logits cache lets requests with the same context + continuation[:-1] share one row.
 """
 from __future__ import annotations
 
@@ -87,6 +96,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's own choice)")
     args = ap.parse_args()
 
     rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
@@ -105,6 +115,8 @@ def main() -> None:
         t0 = time.perf_counter()
         import torch
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         import lm_eval
         from lm_eval.api.registry import get_model
         from lm_eval.tasks import TaskManager
