@@ -72,8 +72,29 @@ class LocalModel(Model):
         ctx = self.enc(context)
         return ctx, whole[len(ctx):]
 
+    def encode_pairs(self, requests: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """encode_pair over many requests, with one batched call into the Rust tokenizer for all strings."""
+        split = []
+        for context, continuation in requests:
+            n_spaces = len(context) - len(context.rstrip())
+            if n_spaces:
+                continuation = context[-n_spaces:] + continuation
+                context = context[:-n_spaces]
+            split.append((context, continuation))
+        strings = sorted({c for c, _ in split if c} | {c + x for c, x in split if c} | {x for c, x in split if not c})
+        backend = self.tok.backend_tokenizer
+        ids = dict(zip(strings, (e.ids for e in backend.encode_batch(strings, add_special_tokens=False))))
+        out = []
+        for c, x in split:
+            if not c:
+                out.append(([self.prefix_id], ids[x]))
+            else:
+                ctx = ids[c]
+                out.append((ctx, ids[c + x][len(ctx):]))
+        return out
+
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool, int]]:
-        pairs = [self.encode_pair(c, x) for c, x in requests]
+        pairs = self.encode_pairs(requests)
         for (c, x), (ctx, cont) in zip(requests, pairs):
             if not cont:
                 raise FmkitError(f"continuation {x!r} encodes to no tokens after context {c[-40:]!r}")
@@ -139,15 +160,25 @@ class LocalModel(Model):
         dtype = next(self.model.parameters()).dtype
         mask = torch.zeros((len(batch), 1, width, width), dtype=dtype).masked_fill(~allowed[:, None],
                                                                                     torch.finfo(dtype).min)
-        logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        for r, (_, _, spans, _) in enumerate(batch):
-            for i, rows, targets in spans:
-                lp = logp[r, rows]
-                t = torch.tensor(targets)
-                ll = lp.gather(-1, t[:, None]).sum().item()
-                greedy = bool((lp.argmax(-1) == t).all())
-                out[i] = (ll, greedy, len(targets))
+        # The LM head (and its softmax over the vocabulary) is applied only at positions that predict a
+        # continuation token, in one matmul per batch: contexts are most tokens and their logits are never used.
+        head = getattr(self.model, "lm_head", None)
+        body = getattr(self.model, "model", None)
+        where = [(r, i, rows, targets) for r, (_, _, spans, _) in enumerate(batch) for i, rows, targets in spans]
+        r_idx = torch.tensor([r for r, _, rows, _ in where for _ in rows])
+        p_idx = torch.tensor([p for _, _, rows, _ in where for p in rows])
+        if head is not None and body is not None:
+            hidden = body(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state
+            logits = head(hidden[r_idx, p_idx])
+        else:
+            logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask).logits[r_idx, p_idx]
+        logp_all = torch.log_softmax(logits.float(), dim=-1)
+        start = 0
+        for r, i, rows, targets in where:
+            lp = logp_all[start:start + len(rows)]
+            start += len(rows)
+            t = torch.tensor(targets)
+            out[i] = (lp.gather(-1, t[:, None]).sum().item(), bool((lp.argmax(-1) == t).all()), len(targets))
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[tuple[float, int]]:
         """Whole-text log-likelihood in disjoint windows of max_length predicted tokens (lm-eval's rolling)."""
