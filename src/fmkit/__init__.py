@@ -4,6 +4,7 @@ from .errors import FmkitError
 __version__ = "0.1.0"
 
 __all__ = ["FmkitError", "quickstart", "curate", "curate_report", "build_ngram_index", "NGramIndex",
+           "evaluate", "get_model", "finetune", "merge", "validate_jsonl",
            "train_tokenizer", "pack", "pretrain", "generate", "load_model",
            "Workspace"]
 
@@ -22,6 +23,18 @@ def __getattr__(name: str):
     if name in ("build_ngram_index", "NGramIndex"):
         from .data import contamination
         return getattr(contamination, name)
+    if name in ("finetune", "merge"):
+        from .adapt import finetune as ft
+        return getattr(ft, name)
+    if name == "validate_jsonl":
+        from .adapt.chat_data import validate_jsonl
+        return validate_jsonl
+    if name == "evaluate":
+        from .evals.runner import evaluate
+        return evaluate
+    if name == "get_model":
+        from .providers import get_model
+        return get_model
     if name == "train_tokenizer":
         from .tokenize.tokenizer import train_tokenizer
         return train_tokenizer

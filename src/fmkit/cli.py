@@ -124,6 +124,47 @@ def eval_(target: str = typer.Argument(..., metavar="MODEL | report RUN",
     typer.echo(f"results: {run / 'results.json'}, samples: {run / 'samples.jsonl'}")
 
 
+@app.command()
+def finetune(model: Path = typer.Argument(..., help="Base model folder (fmkit's or any transformers causal LM)."),
+             data: Path = typer.Argument(..., help="Chat JSONL ({\"messages\": [...]}) or prompt/completion JSONL."),
+             out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/models/NAME-lora|ft)."),
+             lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter instead of all weights."),
+             lora_r: int = typer.Option(8, help="LoRA rank."),
+             lora_alpha: int = typer.Option(16, help="LoRA alpha (scale = alpha / r)."),
+             target: List[str] = typer.Option([], "--target", help="LoRA target module; repeatable "
+                                              "(default q_proj k_proj v_proj o_proj)."),
+             steps: int = typer.Option(100, help="Optimizer steps."),
+             lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 2e-4 LoRA, 3e-5 full)."),
+             batch_size: int = typer.Option(8, help="Examples per micro-batch."),
+             grad_accum: int = typer.Option(1, help="Micro-batches per step."),
+             max_len: int = typer.Option(0, help="Token limit per example (default: the model's context)."),
+             on_long: str = typer.Option("truncate", help="Examples over max-len: truncate or drop (counted)."),
+             val_data: Optional[Path] = typer.Option(None, help="Held-out JSONL for validation loss."),
+             seed: int = typer.Option(0, help="Seed for example order."),
+             resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+             workspace: Optional[Path] = WORKSPACE):
+    """Fine-tune a model (full or LoRA) on chat data, with the loss on assistant replies only.
+
+    The data is validated first; problems are listed as file:line. Uses the same training loop as pretrain
+    (checkpoints, --resume, metrics.jsonl, TensorBoard).
+    """
+    from .adapt.finetune import finetune as run
+
+    path = run(model, data, out, lora, lora_r, lora_alpha, list(target) or None, steps, lr, batch_size, grad_accum,
+               max_len, on_long, val_data, seed, resume, workspace)
+    typer.echo(f"{'adapter' if lora else 'model'} saved to {path}")
+
+
+@app.command()
+def merge(adapter: Path = typer.Argument(..., help="LoRA adapter folder (fmkit finetune --lora)."),
+          out: Path = typer.Argument(..., help="Where to write the merged model folder."),
+          base: Optional[Path] = typer.Option(None, help="Base model (default: the one the adapter names).")):
+    """Fold a LoRA adapter into its base model, giving a plain model folder."""
+    from .adapt.finetune import merge as run
+
+    typer.echo(f"merged model saved to {run(adapter, out, base)}")
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(corpus: str = typer.Argument(..., help="stdlib, stdlib:train, a folder, a text file or JSONL."),
                     out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/tokenizers/NAME)."),

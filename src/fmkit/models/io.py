@@ -19,7 +19,7 @@ def save_model(model, folder: str | Path, tokenizer_dir: str | Path | None, mani
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer_dir:
         for f in Path(tokenizer_dir).iterdir():
-            if f.name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if f.name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
                 shutil.copy2(f, folder / f.name)
     write_manifest(folder, manifest)
     return folder

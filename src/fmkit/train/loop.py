@@ -105,7 +105,8 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
     hidden = getattr(cfg_model, "hidden_size", None) or getattr(cfg_model, "d_model", 1)
     flops_tok = flops_per_token(n_params, layers, hidden, cfg.seq_len)
     peak = matmul_tflops(compute_dtype(precision), d.device) * d.world * 1e12
-    tokens_per_step = batches.global_batch * cfg.seq_len
+    # variable-length batches (SFT) say how many tokens a step holds on average; packed windows are full
+    tokens_per_step = getattr(batches, "tokens_per_step", batches.global_batch * cfg.seq_len)
     log = MetricsLog(out_dir, enabled=d.main, resume_step=start_step)
     val = val_batches or []
     history: list[dict] = []

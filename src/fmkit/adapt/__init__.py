@@ -1,0 +1,1 @@
+"""Adaptation: fine-tuning (full and LoRA), SFT on chat data, merging adapters."""

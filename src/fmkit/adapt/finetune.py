@@ -1,0 +1,191 @@
+"""`fmkit finetune`: full or LoRA fine-tuning of any Hugging Face-format causal LM on chat / prompt-completion
+JSONL, with the loss on assistant tokens only, through the one training loop (checkpoints, resume, metrics).
+
+Output: a model folder (full) or a PEFT adapter folder (LoRA, loads with `peft.PeftModel`), each with `fmkit.json`
+lineage; `merge` folds an adapter into its base.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainConfig
+from ..errors import FmkitError
+from ..workspace import Workspace, read_manifest, write_manifest
+from .chat_data import validate_jsonl
+from .chat_template import encode_chat, ensure_chat_template
+
+IGNORE = -100
+
+
+def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Next-token loss on the positions whose target is an assistant token (labels != -100)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    return loss, {"tokens": int((labels[:, 1:] != IGNORE).sum())}
+
+
+class SFTBatches:
+    """Step-indexed batches of tokenised conversations (right-padded), a pure function of (seed, step)."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, grad_accum: int, seed: int,
+                 pad_id: int, rank: int = 0, world: int = 1):
+        self.rows, self.batch_size, self.grad_accum, self.seed = rows, batch_size, grad_accum, seed
+        self.pad_id, self.rank, self.world = pad_id, rank, world
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world
+
+    @property
+    def tokens_per_step(self) -> int:
+        return round(self.global_batch * float(np.mean([len(t) for t, _ in self.rows])))
+
+    def _collate(self, picked) -> dict:
+        width = max(len(self.rows[i][0]) for i in picked)
+        ids = torch.full((len(picked), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(picked), width), IGNORE, dtype=torch.long)
+        attn = torch.zeros((len(picked), width), dtype=torch.long)
+        for r, i in enumerate(picked):
+            t, m = self.rows[i]
+            ids[r, :len(t)] = torch.tensor(t)
+            attn[r, :len(t)] = 1
+            labels[r, :len(t)] = torch.tensor([tok if keep else IGNORE for tok, keep in zip(t, m)])
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels, "tokens": ids}
+
+    def get(self, step: int, micro: int) -> dict:
+        rng = np.random.default_rng([self.seed, step])
+        order = rng.choice(len(self.rows), size=self.global_batch, replace=len(self.rows) < self.global_batch)
+        part = micro * self.world + self.rank
+        return self._collate(order[part * self.batch_size:(part + 1) * self.batch_size].tolist())
+
+    def validation(self, n: int) -> list[dict]:
+        return [self._collate(list(range(i, min(i + self.batch_size, len(self.rows)))))
+                for i in range(0, min(n * self.batch_size, len(self.rows)), self.batch_size)]
+
+
+def tokenize_examples(tok, examples, max_len: int, on_long: str) -> tuple[list, Counter]:
+    rows, counts = [], Counter()
+    for ex in examples:
+        ids, mask = encode_chat(tok, ex.messages)
+        if len(ids) > max_len:
+            if on_long == "drop":
+                counts["dropped: longer than the context"] += 1
+                continue
+            ids, mask = ids[:max_len], mask[:max_len]
+            counts["truncated to the context"] += 1
+        if not any(mask[1:]):
+            counts["dropped: no assistant tokens left after truncation"] += 1
+            continue
+        rows.append((ids, mask))
+    return rows, counts
+
+
+def lora_targets(model, wanted: list[str]) -> list[str]:
+    """Check LoRA target module names against the model; the error lists the ones that exist."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [w for w in wanted if w not in linear]
+    if missing:
+        raise FmkitError(f"LoRA target module(s) {', '.join(missing)} not in this model; its linear layers are: "
+                         f"{', '.join(linear)}")
+    return wanted
+
+
+def finetune(model: str | Path, data: str | Path, out: str | Path | None = None, lora: bool = False,
+             lora_r: int = 8, lora_alpha: int = 16, lora_targets_: list[str] | None = None, steps: int = 100,
+             lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_len: int = 0,
+             on_long: str = "truncate", val_data: str | Path | None = None, seed: int = 0, resume: bool = False,
+             workspace: str | Path | None = None, **train_kw) -> Path:
+    """Fine-tune `model` on `data`; returns the output folder (model or LoRA adapter)."""
+    from ..models.io import load_model, save_model
+    from ..tokenize.tokenizer import load_tokenizer
+    from ..train.loop import train
+
+    if on_long not in ("truncate", "drop"):
+        raise FmkitError("on_long must be truncate or drop")
+    base = Path(model)
+    if not (base / "config.json").is_file():
+        raise FmkitError(f"{base} is not a model folder (no config.json)")
+    try:
+        tok = load_tokenizer(base)
+    except Exception:
+        raise FmkitError(f"{base} has no tokenizer files; copy the tokenizer it was trained with into the folder "
+                         "(tokenizer.json, tokenizer_config.json)") from None
+    added_template = ensure_chat_template(tok)
+    examples = validate_jsonl(data)
+    net = load_model(base).train()
+    limit = net.config.max_position_embeddings if hasattr(net.config, "max_position_embeddings") else 2048
+    max_len = min(max_len or limit, limit)
+    rows, counts = tokenize_examples(tok, examples, max_len, on_long)
+    if not rows:
+        raise FmkitError(f"{data}: no usable examples after fitting them to {max_len} tokens ({dict(counts)})")
+    val_rows = tokenize_examples(tok, validate_jsonl(val_data), max_len, on_long)[0] if val_data else []
+    ws = Workspace(workspace)
+    out = Path(out) if out else ws.path("models", f"{base.name}-{'lora' if lora else 'ft'}")
+    if lora:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise FmkitError("LoRA needs peft: pip install 'fmkit[adapt]'") from None
+
+        targets = lora_targets(net, lora_targets_ or ["q_proj", "k_proj", "v_proj", "o_proj"])
+        net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+    mean_len = round(float(np.mean([len(t) for t, _ in rows])))   # for the FLOPs estimate (MFU)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=mean_len,
+                      lr=lr or (2e-4 if lora else 3e-5), warmup_steps=min(10, steps // 10), weight_decay=0.0,
+                      eval_every=max(1, steps // 4) if val_rows else steps + 1, save_every=max(1, steps // 2),
+                      keep_last=1, log_every=max(1, steps // 20), seed=seed, precision="fp32")
+    cfg = replace(cfg, **train_kw)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batches = SFTBatches(rows, cfg.batch_size, cfg.grad_accum, seed, pad)
+    val = SFTBatches(val_rows, cfg.batch_size, 1, seed, pad).validation(cfg.eval_batches) if val_rows else []
+    base_id = read_manifest(base).get("id", "")
+    run_id = ws.start_run("finetune", {"model": str(base), "data": str(data), "lora": lora, "steps": steps},
+                          [base_id])
+    started = time.time()
+    result = train(net, sft_objective, batches, cfg, out, val_batches=val, resume=resume)
+    manifest = {"kind": "adapter" if lora else "model", "method": "lora" if lora else "full",
+                "parent_model": str(base.resolve()), "parent_id": base_id or None, "data": str(Path(data).resolve()),
+                "examples": len(rows), "data_counts": dict(counts), "steps": result.step,
+                "tokens_seen": result.tokens_seen, "final_metrics": result.history[-1] if result.history else {},
+                "chat_template_added": added_template, "run_id": run_id, "seconds": round(time.time() - started, 1),
+                "lineage": {k: v for k, v in read_manifest(base).items() if k in ("dataset", "shards", "shards_id")}}
+    if lora:
+        manifest.update(lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets)
+        net.save_pretrained(out)
+        tok.save_pretrained(out)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            save_model(net, out, tmp, {})
+    manifest["id"] = ws.add_artifact(manifest["kind"], out, manifest, parents=[base_id])
+    write_manifest(out, manifest)
+    ws.finish_run(run_id, "finished", outputs=[manifest["id"]])
+    return out
+
+
+def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
+    """Fold a LoRA adapter into its base model and save a plain model folder."""
+    from peft import PeftModel
+
+    from ..models.io import load_model, save_model
+
+    adapter = Path(adapter)
+    m = read_manifest(adapter)
+    base = Path(base or m.get("parent_model", ""))
+    if not (base / "config.json").is_file():
+        raise FmkitError(f"base model for {adapter} not found at {base}; pass it explicitly")
+    merged = PeftModel.from_pretrained(load_model(base), str(adapter)).merge_and_unload()
+    save_model(merged, out, adapter, {"kind": "model", "method": "merged lora", "adapter": str(adapter.resolve()),
+                                      "parent_model": str(base.resolve())})
+    return Path(out)

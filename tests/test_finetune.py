@@ -1,0 +1,124 @@
+"""Fine-tuning: data validation with line numbers, assistant-only loss mask, full and LoRA training through the
+one loop, adapters that load with peft, and merge."""
+import json
+
+import pytest
+import torch
+
+from fmkit.adapt.chat_data import validate_jsonl
+from fmkit.adapt.chat_template import CHAT_TEMPLATE, encode_chat
+from fmkit.adapt.finetune import finetune, merge
+from fmkit.errors import FmkitError
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fmkit.tokenize.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      vocab_size=len(tok), max_position_embeddings=128, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    d = tmp_path_factory.mktemp("base") / "model"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(24)]
+    rows += [{"prompt": "Say yes.", "completion": "yes"}]
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d / "train.jsonl"
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_validator_reports_line_numbers(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}),
+        "{not json",
+        json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
+        json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}),
+        json.dumps({"text": "wrong shape"}),
+        json.dumps({"prompt": "p", "completion": 3}),
+    ]) + "\n")
+    with pytest.raises(FmkitError) as e:
+        validate_jsonl(bad)
+    msg = str(e.value)
+    assert "6 problem(s)" in msg
+    assert f"{bad}:2: invalid JSON" in msg
+    assert f"{bad}:3: messages[0].role is 'robot'" in msg
+    assert f"{bad}:4: no assistant message" in msg
+    assert f"{bad}:5: messages[0] (user) has no text content" in msg
+    assert f"{bad}:6: expected a 'messages' list" in msg
+    assert f"{bad}:7: prompt and completion must both be strings" in msg
+    assert f"{bad}:1:" not in msg
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens(base):
+    from fmkit.tokenize.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(base)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "See you.", "weight": 0}, {"role": "user", "content": "?"},
+            {"role": "assistant", "content": "Done."}]
+    ids, mask = encode_chat(tok, msgs)
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert trained == "Hello!" + tok.eos_token + "Done." + tok.eos_token
+    tok.chat_template = CHAT_TEMPLATE                      # the same text as the saved template renders
+    assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_finetune_reduces_loss(tmp_path, base, data, lora):
+    out = finetune(base, data, tmp_path / "out", lora=lora, steps=24, batch_size=8, lr=3e-2 if lora else 3e-3,
+                   lora_r=16, workspace=tmp_path / "ws", log_every=1)
+    ls = losses(out)
+    assert sum(ls[-4:]) / 4 < sum(ls[:4]) / 4 - 0.5
+    m = json.loads((out / "fmkit.json").read_text())
+    assert m["kind"] == ("adapter" if lora else "model") and m["examples"] == 25 and m["parent_model"]
+    assert "chat_template" in (out / "tokenizer_config.json").read_text() or (out / "chat_template.jinja").exists()
+
+
+def test_adapter_loads_with_peft_and_merge_equals_it(tmp_path, base, data):
+    from peft import PeftModel
+
+    from fmkit.models.io import load_model
+
+    out = finetune(base, data, tmp_path / "lora", lora=True, steps=12, batch_size=8, lr=3e-3,
+                   workspace=tmp_path / "ws")
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        peft_logits = PeftModel.from_pretrained(load_model(base), str(out)).eval()(input_ids=x).logits
+        base_logits = load_model(base)(input_ids=x).logits
+        merged = merge(out, tmp_path / "merged")
+        merged_logits = load_model(merged)(input_ids=x).logits
+    assert not torch.allclose(peft_logits, base_logits, atol=1e-4)   # the adapter changed something
+    assert torch.allclose(peft_logits, merged_logits, atol=1e-4)
+
+
+def test_bad_inputs(tmp_path, base, data):
+    with pytest.raises(FmkitError, match="LoRA target module.*nope.*linear layers are: .*q_proj"):
+        finetune(base, data, tmp_path / "o", lora=True, lora_targets_=["nope"], steps=1, workspace=tmp_path / "ws")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((base / "config.json").read_text())
+    with pytest.raises(FmkitError, match="no tokenizer files"):
+        finetune(bare, data, tmp_path / "o2", steps=1, workspace=tmp_path / "ws")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 400, "completion": "ok"}) + "\n")
+    with pytest.raises(FmkitError, match="no usable examples"):
+        finetune(base, long, tmp_path / "o3", steps=1, on_long="drop", workspace=tmp_path / "ws")
