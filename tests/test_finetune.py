@@ -122,3 +122,51 @@ def test_bad_inputs(tmp_path, base, data):
     long.write_text(json.dumps({"prompt": "word " * 400, "completion": "ok"}) + "\n")
     with pytest.raises(FmkitError, match="no usable examples"):
         finetune(base, long, tmp_path / "o3", steps=1, on_long="drop", workspace=tmp_path / "ws")
+
+
+def test_dpo_moves_rewards_the_right_way(tmp_path, base):
+    from fmkit.adapt.dpo import dpo
+
+    rows = [{"prompt": f"Please help with task {i}.", "chosen": "Sure, happy to help.", "rejected": "Go away."}
+            for i in range(16)]
+    rows.append({"input": {"messages": [{"role": "user", "content": "Greet me"}]},
+                 "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+                 "non_preferred_output": [{"role": "assistant", "content": "Go away."}]})
+    (tmp_path / "pref.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = dpo(base, tmp_path / "pref.jsonl", tmp_path / "dpo", beta=0.5, steps=20, batch_size=8, lr=3e-3,
+              workspace=tmp_path / "ws", log_every=1)
+    hist = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert hist[0]["loss"] == pytest.approx(0.6931, abs=1e-3)      # policy == reference at the start: log 2
+    assert hist[-1]["loss"] < 0.5
+    assert hist[-1]["reward_accuracy"] > 0.9 and hist[-1]["reward_margin"] > 0
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "a"}) + "\n")
+    with pytest.raises(FmkitError, match="bad.jsonl:1: 'chosen' and 'rejected' are the same text"):
+        dpo(base, tmp_path / "bad.jsonl", tmp_path / "d2", steps=1, workspace=tmp_path / "ws")
+
+
+def test_prompting_templates_selection_and_parsing():
+    from fmkit.adapt.prompting import PromptTemplate, parse
+
+    rows = [{"doc": d, "name": n} for d, n in [("Add two numbers.", "add"), ("Square a number.", "square"),
+                                                ("Open a file.", "open_file"), ("Add three numbers.", "add3")]]
+    zero = PromptTemplate("# {{doc}}\ndef")
+    assert zero.render({"doc": "Close a file."}) == "# Close a file.\ndef"
+    rnd = PromptTemplate("# {{doc}}\ndef", answer=" {{name}}", examples=rows, k=2, seed=1)
+    p1, p2 = rnd.render({"doc": "Close a file."}), rnd.render({"doc": "Other."})
+    assert p1.count("def ") == 2 and p1.split("\n\n")[:2] == p2.split("\n\n")[:2]      # seeded, fixed shots
+
+    def bag(texts):   # a bag-of-words embedding, enough to test nearest selection
+        vocab = sorted({w for r in rows for w in r["doc"].lower().split()} | {"close", "a", "file."})
+        return np.array([[t.lower().split().count(w) for w in vocab] for t in texts], dtype=float)
+
+    near = PromptTemplate("# {{doc}}\ndef", answer=" {{name}}", examples=rows, k=1, select="nearest", embed=bag)
+    assert "open_file" in near.render({"doc": "Close a file."})
+    assert parse(" add(a, b):", regex=r"\s*(\w+)\(") == "add"
+    assert parse("I think the answer is B, not A", choices=["A", "B"]) == "B"
+    assert parse('Sure: {"label": "spam", "p": 0.9} done', as_json=True) == {"label": "spam", "p": 0.9}
+    assert parse("nothing here", regex=r"(\d+)", default="?") == "?"
+    with pytest.raises(FmkitError, match="needs an embed function"):
+        PromptTemplate("{{doc}}", answer="{{name}}", examples=rows, k=1, select="nearest")
+
+
+import numpy as np  # noqa: E402  (used by the prompting test)

@@ -156,6 +156,26 @@ def finetune(model: Path = typer.Argument(..., help="Base model folder (fmkit's 
 
 
 @app.command()
+def dpo(model: Path = typer.Argument(..., help="Model folder to align (usually after SFT)."),
+        data: Path = typer.Argument(..., help="Preference JSONL: prompt/chosen/rejected, or OpenAI's preference "
+                                    "format (input, preferred_output, non_preferred_output)."),
+        out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/models/NAME-dpo)."),
+        beta: float = typer.Option(0.1, help="DPO beta: how far the policy may move from the reference."),
+        lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter (the reference is the base)."),
+        steps: int = typer.Option(100, help="Optimizer steps."),
+        lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 5e-5 LoRA, 5e-6 full)."),
+        batch_size: int = typer.Option(4, help="Pairs per step."),
+        seed: int = typer.Option(0, help="Seed for pair order."),
+        workspace: Optional[Path] = WORKSPACE):
+    """Direct Preference Optimization on chosen/rejected pairs; logs reward accuracy and margins."""
+    from .adapt.dpo import dpo as run
+
+    path = run(model, data, out, beta, lora, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+               workspace=workspace)
+    typer.echo(f"{'adapter' if lora else 'model'} saved to {path}")
+
+
+@app.command()
 def merge(adapter: Path = typer.Argument(..., help="LoRA adapter folder (fmkit finetune --lora)."),
           out: Path = typer.Argument(..., help="Where to write the merged model folder."),
           base: Optional[Path] = typer.Option(None, help="Base model (default: the one the adapter names).")):

@@ -147,17 +147,20 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = 0.0
+                loss_sum, extra_sum = 0.0, {}
                 for micro in range(cfg.grad_accum):
                     batch = _to(batches.get(step, micro), d.device)
                     sync = micro == cfg.grad_accum - 1 or d.world == 1 or cfg.parallel != "ddp"
                     ctx = module.no_sync() if not sync else contextlib.nullcontext()
                     with ctx:
                         with autocast(precision, d.device):
-                            loss, _ = module(batch)
+                            loss, metrics = module(batch)
                         scaled = loss / cfg.grad_accum
                         (scaler.scale(scaled) if scaler else scaled).backward()
                     loss_sum += float(loss.detach())
+                    for k, v in (metrics or {}).items():   # objective-specific figures (DPO rewards, ...)
+                        if k != "tokens" and isinstance(v, (int, float)):
+                            extra_sum[k] = extra_sum.get(k, 0.0) + float(v)
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
@@ -178,6 +181,9 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
                     record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": float(grad_norm),
                               "tokens_seen": tokens_seen, "tokens_per_s": tps, "mfu": tps * flops_tok / peak,
                               "elapsed_s": now - started}
+                    if extra_sum:
+                        means = parallel.all_mean([v / cfg.grad_accum for v in extra_sum.values()], d)
+                        record.update(zip(extra_sum, means))
                     if val and (step % cfg.eval_every == 0 or last):
                         record.update(evaluate())
                     history.append(record)
