@@ -24,12 +24,31 @@ from .chat_template import encode_chat, ensure_chat_template
 IGNORE = -100
 
 
+def _body_and_head(model):
+    """(decoder body, LM head) when the model exposes them (Llama-style, also under a PEFT wrapper)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, head = getattr(inner, "model", None), getattr(inner, "lm_head", None)
+    return (body, head) if body is not None and head is not None and head.bias is None else (None, None)
+
+
 def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Next-token loss on the positions whose target is an assistant token (labels != -100)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Next-token loss on the positions whose target is an assistant token (labels != -100).
+
+    Llama-style models go through the fused, chunked head + cross-entropy (train/loss.py): the batch x length x
+    vocab logits are never materialised, and rows without a target cost nothing in the head."""
     labels = batch["labels"]
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
-    return loss, {"tokens": int((labels[:, 1:] != IGNORE).sum())}
+    targets = labels[:, 1:]
+    body, head = _body_and_head(model)
+    if body is not None:
+        from ..train.loss import fused_linear_cross_entropy
+
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        keep = targets != IGNORE
+        loss = fused_linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep])
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    return loss, {"tokens": int((targets != IGNORE).sum())}
 
 
 class SFTBatches:
