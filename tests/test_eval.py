@@ -348,3 +348,10 @@ def test_perturbations_and_worst_case_scores(tmp_path, lm):
     with pytest.raises(FmkitError, match="unknown robustness perturbation 'uppercase'"):
         evaluate(lm, [mc_task(tmp_path, ITEMS, robustness=["uppercase"])], out=tmp_path / "r2",
                  workspace=tmp_path / "ws")
+
+
+def test_mcnemar_exact():
+    assert M.mcnemar([1, 0, 1], [1, 0, 1])["p_value"] == 1.0
+    r = M.mcnemar([0] * 7 + [1, 1, 0], [1] * 7 + [1, 1, 0])
+    assert r["b_only"] == 7 and r["p_value"] == pytest.approx(2 / 2 ** 7)
+    assert M.mcnemar([1, 0] * 5, [0, 1] * 5)["p_value"] == 1.0

@@ -188,3 +188,14 @@ def test_minilm_classifier_learns(tmp_path, lora):
              ("I loved every minute, superb.", "pos"), ("A horrible, disappointing mess.", "neg")]
     got = [label for label, _ in predict(out, [t for t, _ in tests])]
     assert got == [lab for _, lab in tests]
+
+
+def test_plain_template_masks_the_completion_only(base):
+    from fmkit.adapt.chat_template import encode_plain
+    from fmkit.tokenize.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(base)
+    ids, mask = encode_plain(tok, [{"role": "user", "content": "# Return x.\ndef"},
+                                   {"role": "assistant", "content": " identity(x):"}])
+    assert tok.decode(ids) == "# Return x.\ndef identity(x):"
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == " identity(x):"

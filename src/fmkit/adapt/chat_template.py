@@ -23,6 +23,17 @@ def ensure_chat_template(tok) -> bool:
     return True
 
 
+def encode_plain(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """No template: the turns' texts back to back (a prompt/completion pair as the model would see raw text),
+    with the loss on the assistant text only. For base models evaluated on raw prompts."""
+    ids, mask = [], []
+    for m in messages:
+        t = tok(m["content"], add_special_tokens=False)["input_ids"]
+        ids += t
+        mask += [1 if m["role"] == "assistant" and m.get("weight", 1) == 1 else 0] * len(t)
+    return ids, mask
+
+
 def encode_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     """(token ids, loss mask 1/0) for one conversation under fmkit's template."""
     ids, mask = [], []

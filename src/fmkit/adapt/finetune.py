@@ -19,7 +19,7 @@ from ..config import TrainConfig
 from ..errors import FmkitError
 from ..workspace import Workspace, read_manifest, write_manifest
 from .chat_data import validate_jsonl
-from .chat_template import encode_chat, ensure_chat_template
+from .chat_template import encode_chat, encode_plain, ensure_chat_template
 
 IGNORE = -100
 
@@ -90,10 +90,11 @@ class SFTBatches:
                 for i in range(0, min(n * self.batch_size, len(self.rows)), self.batch_size)]
 
 
-def tokenize_examples(tok, examples, max_len: int, on_long: str) -> tuple[list, Counter]:
+def tokenize_examples(tok, examples, max_len: int, on_long: str, template: str = "chat") -> tuple[list, Counter]:
+    encode = encode_chat if template == "chat" else encode_plain
     rows, counts = [], Counter()
     for ex in examples:
-        ids, mask = encode_chat(tok, ex.messages)
+        ids, mask = encode(tok, ex.messages)
         if len(ids) > max_len:
             if on_long == "drop":
                 counts["dropped: longer than the context"] += 1
@@ -121,7 +122,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
              lora_r: int = 8, lora_alpha: int = 16, lora_targets_: list[str] | None = None, steps: int = 100,
              lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_len: int = 0,
              on_long: str = "truncate", val_data: str | Path | None = None, seed: int = 0, resume: bool = False,
-             workspace: str | Path | None = None, **train_kw) -> Path:
+             workspace: str | Path | None = None, template: str = "chat", **train_kw) -> Path:
     """Fine-tune `model` on `data`; returns the output folder (model or LoRA adapter)."""
     from ..models.io import load_model, save_model
     from ..tokenize.tokenizer import load_tokenizer
@@ -129,6 +130,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
 
     if on_long not in ("truncate", "drop"):
         raise FmkitError("on_long must be truncate or drop")
+    if template not in ("chat", "none"):
+        raise FmkitError("template must be chat (role headers) or none (turn texts back to back)")
     base = Path(model)
     if not (base / "config.json").is_file():
         raise FmkitError(f"{base} is not a model folder (no config.json)")
@@ -142,10 +145,10 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
     net = load_model(base).train()
     limit = net.config.max_position_embeddings if hasattr(net.config, "max_position_embeddings") else 2048
     max_len = min(max_len or limit, limit)
-    rows, counts = tokenize_examples(tok, examples, max_len, on_long)
+    rows, counts = tokenize_examples(tok, examples, max_len, on_long, template)
     if not rows:
         raise FmkitError(f"{data}: no usable examples after fitting them to {max_len} tokens ({dict(counts)})")
-    val_rows = tokenize_examples(tok, validate_jsonl(val_data), max_len, on_long)[0] if val_data else []
+    val_rows = tokenize_examples(tok, validate_jsonl(val_data), max_len, on_long, template)[0] if val_data else []
     ws = Workspace(workspace)
     out = Path(out) if out else ws.path("models", f"{base.name}-{'lora' if lora else 'ft'}")
     if lora:
@@ -175,7 +178,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
                 "parent_model": str(base.resolve()), "parent_id": base_id or None, "data": str(Path(data).resolve()),
                 "examples": len(rows), "data_counts": dict(counts), "steps": result.step,
                 "tokens_seen": result.tokens_seen, "final_metrics": result.history[-1] if result.history else {},
-                "chat_template_added": added_template, "run_id": run_id, "seconds": round(time.time() - started, 1),
+                "chat_template_added": added_template, "template": template, "run_id": run_id, "seconds": round(time.time() - started, 1),
                 "lineage": {k: v for k, v in read_manifest(base).items() if k in ("dataset", "shards", "shards_id")}}
     if lora:
         manifest.update(lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets)

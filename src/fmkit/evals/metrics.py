@@ -102,3 +102,16 @@ def perplexities(rows: list[dict]) -> dict:
     nbytes = sum(r["bytes"] for r in rows)
     return {"word_perplexity": math.exp(-ll / max(1, words)), "byte_perplexity": math.exp(-ll / max(1, nbytes)),
             "bits_per_byte": -ll / max(1, nbytes) / math.log(2)}
+
+
+def mcnemar(a: list[float], b: list[float]) -> dict:
+    """Exact McNemar test for two methods scored 0/1 on the same items: two-sided binomial p-value over the
+    discordant pairs (items one method gets right and the other wrong)."""
+    b_only = sum(1 for x, y in zip(a, b) if y > x)
+    a_only = sum(1 for x, y in zip(a, b) if x > y)
+    n = a_only + b_only
+    if n == 0:
+        return {"a_only": 0, "b_only": 0, "p_value": 1.0}
+    k = min(a_only, b_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2 * tail)}
