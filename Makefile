@@ -26,3 +26,5 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/generate_throughput.py
 	$(VENV)/bin/python bench/curate_throughput.py
 	$(VENV)/bin/python bench/eval_throughput.py
+	$(VENV)/bin/python bench/lora_throughput.py
+	$(VENV)/bin/python bench/rag_latency.py

@@ -200,6 +200,64 @@ def merge(adapter: Path = typer.Argument(..., help="LoRA adapter folder (fmkit f
     typer.echo(f"merged model saved to {run(adapter, out, base)}")
 
 
+rag_app = typer.Typer(help="Retrieval-augmented generation over local documents.", no_args_is_help=True)
+app.add_typer(rag_app, name="rag")
+RAG_INDEX = typer.Option(None, "--index", help="Index folder (default: rag/ in the workspace).")
+
+
+@rag_app.command("index")
+def rag_index(docs: Path = typer.Argument(..., help="A file, or a folder of .txt/.md/.rst/.html documents."),
+              index: Optional[Path] = RAG_INDEX,
+              meta: List[str] = typer.Option([], "--meta", help="key=value stored on every chunk; repeatable."),
+              chunk_tokens: int = typer.Option(256, help="Encoder tokens per chunk."),
+              overlap: int = typer.Option(32, help="Tokens shared by neighbouring chunks."),
+              encoder: Optional[Path] = typer.Option(None, help="A local encoder folder (default: the index's own, "
+                                                     "or the bundled all-MiniLM-L6-v2).")):
+    """Chunk, embed and store documents; running it again updates only new and changed documents."""
+    from .adapt.rag import default_index_dir, index as run, parse_pairs
+
+    index = index or default_index_dir()
+    s = run(docs, index, chunk_tokens, overlap, encoder, parse_pairs(meta, "--meta"))
+    typer.echo(f"{s['documents']} documents ({s['changed']} new or changed, {s['unchanged']} unchanged): "
+               f"{s['added']} chunks added, {s['removed']} replaced, {s['chunks']} in {index}")
+    if s["skipped"]:
+        names = ", ".join(src for src, _ in s["skipped_files"][:5]) + (", ..." if len(s["skipped_files"]) > 5 else "")
+        typer.echo("skipped: " + ", ".join(f"{n} {why}" for why, n in s["skipped"].items()) + f" ({names})", err=True)
+
+
+@rag_app.command("ask")
+def rag_ask(question: str = typer.Argument(..., help="The question."),
+            index: Optional[Path] = RAG_INDEX,
+            k: int = typer.Option(5, "--k", help="Chunks to retrieve."),
+            filters: List[str] = typer.Option([], "--filter", help="key=value: only chunks with this metadata; "
+                                              "repeat a key to allow several values."),
+            model: Optional[str] = typer.Option(None, "--model", help="Model folder (or openai:NAME, "
+                                                "anthropic:NAME) that writes a cited answer; without it the top "
+                                                "chunk is the answer."),
+            as_json: bool = typer.Option(False, "--json", help="Print the whole result as JSON.")):
+    """Answer a question from the index: hybrid BM25 + dense retrieval, answer with [n] citations."""
+    import json
+
+    from .adapt.rag import ask as run, default_index_dir, parse_pairs
+
+    generate = None
+    if model:
+        from .providers import get_model
+
+        generate = get_model(model)
+    r = run(index or default_index_dir(), question, k, parse_pairs(filters, "--filter"), generate)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2, ensure_ascii=False))
+        return
+    typer.echo(r["answer"] + "\n")
+    for c in r["chunks"]:
+        typer.echo(f"[{c['rank']}] {c['source']} (chunk {c['chunk']})  fused {c['score']:.4f}  "
+                   f"bm25 #{c['bm25_rank'] or '-'}  dense #{c['dense_rank'] or '-'}")
+    if r["invalid_citations"]:
+        typer.echo(f"warning: the answer cites {', '.join(f'[{n}]' for n in r['invalid_citations'])}, which name no "
+                   "retrieved chunk", err=True)
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(corpus: str = typer.Argument(..., help="stdlib, stdlib:train, a folder, a text file or JSONL."),
                     out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/tokenizers/NAME)."),
