@@ -67,8 +67,9 @@ import json, sys, time
 from fmkit.adapt.finetune import finetune
 model, data, out, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 finetune(model, data, out + "/warm", lora=True, steps=5, batch_size=8, lr=2e-4, max_len=512, workspace=out + "/ws")
+# one checkpoint, at the end (the Trainer side saves none): mid-run checkpoints are a resumability cost
 res = finetune(model, data, out + "/run", lora=True, steps=steps, batch_size=8, lr=2e-4, max_len=512,
-               workspace=out + "/ws", log_every=1)
+               workspace=out + "/ws", log_every=10, save_every=steps)
 hist = [json.loads(l) for l in open(res / "metrics.jsonl")]
 # the training loop's own clock (first step to last, final checkpoint included), like Trainer.train() on the
 # other side; loading the model and tokenizing the data are outside both
