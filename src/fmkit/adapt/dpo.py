@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..errors import FmkitError
-from ..workspace import Workspace, read_manifest, write_manifest
+from ..workspace import Workspace, read_manifest
 from .chat_template import encode_chat, ensure_chat_template
-from .finetune import IGNORE, lora_targets
+from .finetune import IGNORE, lora_targets, save_trained
 
 
 def read_pairs(path: str | Path) -> list[tuple[list, str, str]]:
@@ -131,7 +131,7 @@ def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta
         lora_r: int = 8, lora_alpha: int = 16, steps: int = 100, lr: float | None = None, batch_size: int = 4,
         max_len: int = 0, seed: int = 0, workspace: str | Path | None = None, **train_kw) -> Path:
     """Align `model` on preference pairs with DPO; returns the output folder (model, or LoRA adapter)."""
-    from ..models.io import load_model, save_model
+    from ..models.io import load_model
     from ..tokenize.tokenizer import load_tokenizer
     from ..train.loop import train
 
@@ -183,16 +183,4 @@ def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta
                 "parent_model": str(base.resolve()), "parent_id": base_id or None, "data": str(Path(data).resolve()),
                 "pairs": len(rows), "steps": result.step, "final_metrics": result.history[-1] if result.history else {},
                 "run_id": run_id, "seconds": round(time.time() - started, 1)}
-    if lora:
-        net.save_pretrained(out)
-        tok.save_pretrained(out)
-    else:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            tok.save_pretrained(tmp)
-            save_model(net, out, tmp, {})
-    manifest["id"] = ws.add_artifact(manifest["kind"], out, manifest, parents=[base_id])
-    write_manifest(out, manifest)
-    ws.finish_run(run_id, "finished", outputs=[manifest["id"]])
-    return out
+    return save_trained(net, tok, out, lora, manifest, ws, base_id, run_id)

@@ -124,7 +124,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
              on_long: str = "truncate", val_data: str | Path | None = None, seed: int = 0, resume: bool = False,
              workspace: str | Path | None = None, template: str = "chat", **train_kw) -> Path:
     """Fine-tune `model` on `data`; returns the output folder (model or LoRA adapter)."""
-    from ..models.io import load_model, save_model
+    from ..models.io import load_model
     from ..tokenize.tokenizer import load_tokenizer
     from ..train.loop import train
 
@@ -182,6 +182,14 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
                 "lineage": {k: v for k, v in read_manifest(base).items() if k in ("dataset", "shards", "shards_id")}}
     if lora:
         manifest.update(lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets)
+    return save_trained(net, tok, out, lora, manifest, ws, base_id, run_id)
+
+
+def save_trained(net, tok, out: Path, lora: bool, manifest: dict, ws: Workspace, base_id: str, run_id: str) -> Path:
+    """Write the adapter (LoRA) or the whole model with its tokenizer, fmkit.json, and the registry entries."""
+    from ..models.io import save_model
+
+    if lora:
         net.save_pretrained(out)
         tok.save_pretrained(out)
     else:

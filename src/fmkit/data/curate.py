@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
