@@ -34,10 +34,9 @@ def _substring_hashes(text: str, width: int = 50) -> np.ndarray:
 
 def training_dataset(lineage: dict) -> Path | None:
     """The curated dataset folder a model was trained on, when its fmkit.json lineage names one."""
-    for key in ("dataset",):
-        p = lineage.get(key)
-        if p and (Path(p) / "manifest.json").is_file():
-            return Path(p)
+    p = lineage.get("dataset")
+    if p and (Path(p) / "manifest.json").is_file():
+        return Path(p)
     shards = lineage.get("shards")
     if shards and (Path(shards) / "index.json").is_file():
         src = json.loads((Path(shards) / "index.json").read_text()).get("source", "")

@@ -57,7 +57,7 @@ def _mc(model: Model, task: Task, r: Renderer, items, pool, batch_size: int) -> 
         rows.append({"prompt": ctx, "choices": choices, "target": gold, "fewshot": shots, "_text": text})
     if task.scoring == "generate" or "loglikelihood" not in model.capabilities:
         if task.scoring != "generate":
-            model.loglikelihood([])  # raises the one-sentence "cannot do loglikelihood; use ..." error
+            raise model.unsupported("loglikelihood")
         return _mc_by_generation(model, task, rows)
     results = model.loglikelihood(requests)
     for row, (start, k) in zip(rows, spans):
@@ -91,8 +91,9 @@ def _gen(model: Model, task: Task, r: Renderer, items, pool) -> list[dict]:
     rows, reqs = [], []
     for n, item in enumerate(items):
         prefix, shots = r.fewshot(items, pool, n if pool is items else None)
-        prompt = prefix + r.text(item, n)
-        rows.append({"prompt": prompt, "target": r.target(item, n), "fewshot": shots, "_text": r.text(item, n)})
+        text = r.text(item, n)
+        prompt = prefix + text
+        rows.append({"prompt": prompt, "target": r.target(item, n), "fewshot": shots, "_text": text})
         reqs.append(GenRequest([{"role": "user", "content": prompt}] if task.chat else prompt, list(g["until"]),
                                int(g["max_tokens"]), float(g["temperature"])))
     outs = model.chat(reqs) if task.chat else model.generate(reqs)

@@ -56,26 +56,26 @@ class Model:
         self.usage = Usage()
         self._lock = threading.Lock()
 
-    def _unsupported(self, what: str):
+    def unsupported(self, what: str):
         return FmkitError(f"{self.name} cannot do {what} (it offers: {', '.join(sorted(self.capabilities)) or 'nothing'}); "
                           f"{ALTERNATIVE[what]}")
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool, int]]:
         """(log P(continuation | context), continuation is the greedy one, continuation tokens) per request."""
-        raise self._unsupported("loglikelihood")
+        raise self.unsupported("loglikelihood")
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[tuple[float, int]]:
         """(total log-likelihood, tokens) of each whole text, for perplexity."""
-        raise self._unsupported("loglikelihood")
+        raise self.unsupported("loglikelihood")
 
     def generate(self, requests: list[GenRequest]) -> list[str]:
-        raise self._unsupported("generate")
+        raise self.unsupported("generate")
 
     def chat(self, requests: list[GenRequest]) -> list[str]:
-        raise self._unsupported("chat")
+        raise self.unsupported("chat")
 
     def embed(self, texts: list[str]):
-        raise self._unsupported("embed")
+        raise self.unsupported("embed")
 
     def describe(self) -> dict:
         """What identifies this model in results (and its lineage, when known)."""

@@ -62,18 +62,10 @@ class LocalModel(Model):
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        if not context:
-            return [self.prefix_id], self.enc(continuation)
-        whole = self.enc(context + continuation)
-        ctx = self.enc(context)
-        return ctx, whole[len(ctx):]
+        return self.encode_pairs([(context, continuation)])[0]
 
     def encode_pairs(self, requests: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-        """encode_pair over many requests, with one batched call into the Rust tokenizer for all strings."""
+        """(context tokens, continuation tokens) per request, with one batched call into the Rust tokenizer."""
         split = []
         for context, continuation in requests:
             n_spaces = len(context) - len(context.rstrip())
@@ -225,12 +217,17 @@ class LocalModel(Model):
             for b in range(0, len(idxs), self.batch_size):
                 part = idxs[b:b + self.batch_size]
                 room = self.max_length - max_tokens
-                prompts = [self.tok.decode(self.enc(requests[i].prompt)[-room:]) for i in part]
+                prompts = [self._fit(requests[i].prompt, room) for i in part]
                 done = self._gen(prompts, max_new_tokens=max_tokens, temperature=temperature, stop=list(until),
                                  seed=seed)
                 for i, c in zip(part, done):
                     out[i] = c.text
         return out
+
+    def _fit(self, prompt: str, room: int) -> str:
+        """The prompt, or its last `room` tokens when it is longer than that."""
+        ids = self.enc(prompt)
+        return prompt if len(ids) <= room else self.tok.decode(ids[-room:])
 
     def chat(self, requests: list[GenRequest]) -> list[str]:
         if not getattr(self.tok, "chat_template", None):
