@@ -83,22 +83,29 @@ def _stdlib_documents(split: str, stats: CorpusStats) -> Iterator[Document]:
             yield doc
 
 
-def _read_text_file(path: Path, stats: CorpusStats, doc_id: str | None = None) -> Document | None:
+def read_text(path) -> tuple[str | None, str, bytes]:
+    """(text, "", raw bytes) for a readable UTF-8 text file; otherwise (None, why, what could be read), why being
+    unreadable (...), empty, binary or invalid utf-8 (with the offending byte's offset)."""
     try:
-        raw = path.read_bytes()
+        raw = Path(path).read_bytes()
     except OSError as e:
-        stats.skipped[f"unreadable ({e.strerror})"] += 1
-        return None
+        return None, f"unreadable ({e.strerror})", b""
+    if not raw.strip():
+        return None, "empty", raw
     if b"\x00" in raw[:8192]:
-        stats.skipped["binary"] += 1
-        return None
+        return None, "binary", raw
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        stats.skipped["invalid utf-8"] += 1
-        return None
-    if not text.strip():
-        stats.skipped["empty"] += 1
+        return raw.decode("utf-8"), "", raw
+    except UnicodeDecodeError as e:
+        return None, f"invalid utf-8 at byte {e.start}", raw
+
+
+def _read_text_file(path: Path, stats: CorpusStats, doc_id: str | None = None) -> Document | None:
+    text, why, raw = read_text(path)
+    if text is not None and not text.strip():
+        text, why = None, "empty"
+    if text is None:
+        stats.skipped[why.split(" at byte")[0]] += 1
         return None
     stats.documents += 1
     stats.bytes += len(raw)
@@ -169,6 +176,16 @@ def iter_documents(source: str | Path, stats: CorpusStats | None = None, text_fi
         doc = _read_text_file(path, stats)
         if doc:
             yield doc
+
+
+def dataset_id(source) -> str:
+    """The registry id of a curated dataset folder ('' for any other corpus): lineage for what is built on it."""
+    p = Path(str(source))
+    if not (p / "manifest.json").is_file():
+        return ""
+    from ..workspace import read_manifest
+
+    return read_manifest(p).get("id", "")
 
 
 def require_documents(source: str | Path, stats: CorpusStats) -> None:

@@ -131,18 +131,16 @@ PREVIEW = 20_000   # characters of a rejected document kept in rejected/ (enough
 
 
 def _read_file(spec: SourceSpec, path: str, doc_id: str) -> Doc | Rejected:
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        return Rejected(doc_id, f"unreadable ({e.strerror})", path)
-    if not raw.strip():
-        return Rejected(doc_id, "empty", path)
-    if b"\x00" in raw[:8192]:
-        return Rejected(doc_id, "binary", path, raw[:200].decode("latin-1"))
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return Rejected(doc_id, "invalid utf-8", path, f"byte {e.start}: " + raw[:PREVIEW].decode("utf-8", "replace"))
+    from .corpus import read_text
+
+    text, why, raw = read_text(path)
+    if why == "binary":
+        return Rejected(doc_id, why, path, raw[:200].decode("latin-1"))
+    if why.startswith("invalid utf-8"):
+        return Rejected(doc_id, "invalid utf-8", path,
+                        why.removeprefix("invalid utf-8 at ") + ": " + raw[:PREVIEW].decode("utf-8", "replace"))
+    if text is None:
+        return Rejected(doc_id, why, path)
     bad = _check_text(text, spec)
     if bad:
         return Rejected(doc_id, bad, path, text[:PREVIEW])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.corpus import CorpusStats, iter_documents, require_documents
+from ..data.corpus import CorpusStats, dataset_id, iter_documents, require_documents
 from ..errors import FmkitError
 from ..progress import progress_bar
 from ..workspace import Workspace, read_manifest, write_manifest
@@ -97,8 +97,9 @@ def pack(corpus: str, tokenizer: str | Path, out: str | Path | None = None, shar
     tok_manifest = read_manifest(tokenizer)
     index = {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab, "eos_id": eos, "tokens": tokens,
              "documents": stats.documents, "bytes": stats.bytes, "shards": writer.shards,
-             "source": str(Path(str(corpus)).resolve()) if Path(str(corpus)).exists() else str(corpus), "tokenizer": str(Path(tokenizer).resolve()),
-             "tokenizer_id": tok_manifest.get("id", ""), "dataset_id": _dataset_id(corpus),
+             "source": str(Path(str(corpus)).resolve()) if Path(str(corpus)).exists() else str(corpus),
+             "tokenizer": str(Path(tokenizer).resolve()),
+             "tokenizer_id": tok_manifest.get("id", ""), "dataset_id": dataset_id(corpus),
              "skipped": dict(stats.skipped)}
     (out / "index.json").write_text(json.dumps(index, indent=2))
     tok.save_pretrained(out / "tokenizer")  # the shards carry their tokenizer, so models built on them can too
@@ -108,9 +109,3 @@ def pack(corpus: str, tokenizer: str | Path, out: str | Path | None = None, shar
                                                                            index["dataset_id"]])
     write_manifest(out, manifest)
     return out
-
-
-def _dataset_id(corpus) -> str:
-    """The registry id of a curated dataset folder ('' for raw corpora): the source dataset of these shards."""
-    p = Path(str(corpus))
-    return read_manifest(p).get("id", "") if (p / "manifest.json").is_file() else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..data.corpus import CorpusStats, iter_documents, require_documents
+from ..data.corpus import CorpusStats, dataset_id, iter_documents, require_documents
 from ..errors import FmkitError
 from ..workspace import Workspace, write_manifest
 
@@ -68,9 +68,7 @@ def train_tokenizer(corpus: str, out: str | Path | None = None, vocab_size: int 
                 "requested_vocab_size": vocab_size, "special_tokens": specials, "sentinels": sentinels,
                 "corpus": str(corpus), "documents": stats.documents, "bytes": stats.bytes,
                 "skipped": dict(stats.skipped), "max_bytes": max_bytes, "seconds": round(time.time() - started, 1)}
-    from .pack import _dataset_id
-
-    manifest["id"] = ws.add_artifact("tokenizer", out, manifest, parents=[_dataset_id(corpus)])
+    manifest["id"] = ws.add_artifact("tokenizer", out, manifest, parents=[dataset_id(corpus)])
     write_manifest(out, manifest)
     return out
 
