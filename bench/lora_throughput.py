@@ -27,7 +27,7 @@ def make_assets(folder: Path) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fmkit.data.corpus import stdlib_files
+    from fmkit.evals.stdlib_tasks import stdlib_functions
     from fmkit.tokenize.tokenizer import load_tokenizer, train_tokenizer
 
     tok_dir = train_tokenizer("stdlib:train", folder / "tok", vocab_size=8192, max_bytes=4_000_000,
@@ -41,22 +41,13 @@ def make_assets(folder: Path) -> tuple[Path, Path]:
     LlamaForCausalLM(cfg).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     rows = []
-    for path in stdlib_files("all"):
-        if not hasattr(path, "read_text"):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node):
-                doc = ast.get_docstring(node)[:600]
-                sig = f"def {node.name}({ast.unparse(node.args)}):"
-                rows.append({"messages": [{"role": "user", "content": doc}, {"role": "assistant", "content": sig}]})
-            if len(rows) >= 512:
+    for _, node in stdlib_functions("all"):
+        if isinstance(node, ast.FunctionDef) and ast.get_docstring(node):
+            sig = f"def {node.name}({ast.unparse(node.args)}):"
+            rows.append({"messages": [{"role": "user", "content": ast.get_docstring(node)[:600]},
+                                      {"role": "assistant", "content": sig}]})
+            if len(rows) == 512:
                 break
-        if len(rows) >= 512:
-            break
     data = folder / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return model_dir, data

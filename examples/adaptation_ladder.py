@@ -19,7 +19,7 @@ import yaml
 
 from fmkit.evals.metrics import mcnemar
 from fmkit.evals.runner import evaluate
-from fmkit.evals.stdlib_tasks import _functions, docstring_to_name
+from fmkit.evals.stdlib_tasks import docstring_to_name, documented_functions
 
 
 def task_file(folder: Path, name: str, items: list[dict]) -> Path:
@@ -45,7 +45,7 @@ def main() -> None:
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"no model at {args.model}: run `fmkit quickstart` first or pass --model")
     held_out = docstring_to_name(split="val")
-    train_pairs = [{"doc": d, "name": n} for _, n, d in _functions("train")]
+    train_pairs = [{"doc": d, "name": n} for _, n, d in documented_functions("train")]
     rng = random.Random(0)
     tmp = Path(tempfile.mkdtemp(prefix="ladder-"))
     line = lambda p: f"# {p['doc']}\ndef {p['name']}(...)\n\n"

@@ -35,3 +35,19 @@ def tiny_overrides(shards, out, **extra) -> dict:
             "train.keep_last": 0, "train.precision": "fp32", "train.lr": 3e-3}
     base.update(extra)
     return base
+
+
+def save_tiny_llama(tokenizer_dir, folder, max_positions: int, **config):
+    """A seeded 2-layer Llama (hidden 64) with the session tokenizer, saved as a model folder; returns it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fmkit.tokenize.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      vocab_size=len(tok), max_position_embeddings=max_positions, tie_word_embeddings=True, **config)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -16,18 +16,9 @@ from fmkit.providers.local import LocalModel
 
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory, tokenizer_dir):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import save_tiny_llama
 
-    from fmkit.tokenize.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                      vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True)
-    d = tmp_path_factory.mktemp("lm") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("lm") / "model", 256)
 
 
 @pytest.fixture(scope="module")

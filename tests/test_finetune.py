@@ -2,6 +2,7 @@
 one loop, adapters that load with peft, and merge."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,19 +14,12 @@ from fmkit.errors import FmkitError
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tokenizer_dir):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from conftest import save_tiny_llama
     from fmkit.tokenize.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                      vocab_size=len(tok), max_position_embeddings=128, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    d = tmp_path_factory.mktemp("base") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("base") / "model", 128,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +162,6 @@ def test_prompting_templates_selection_and_parsing():
     with pytest.raises(FmkitError, match="needs an embed function"):
         PromptTemplate("{{doc}}", answer="{{name}}", examples=rows, k=1, select="nearest")
 
-
-import numpy as np  # noqa: E402  (used by the prompting test)
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -12,7 +12,8 @@ import random
 from ..data.corpus import STDLIB_VAL_MODULES, stdlib_files
 
 
-def _functions(split: str):
+def stdlib_functions(split: str):
+    """(module name, ast node) for every function definition in the split's .py files, in a fixed order."""
     for path in stdlib_files(split):
         if not hasattr(path, "read_text"):
             continue
@@ -22,16 +23,22 @@ def _functions(split: str):
             continue
         module = path.stem if path.stem != "__init__" else path.parent.name
         for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("__"):
-                doc = ast.get_docstring(node)
-                first = doc.strip().splitlines()[0].strip() if doc else ""
-                if len(first.split()) >= 4:
-                    yield module, node.name, first
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield module, node
+
+
+def documented_functions(split: str):
+    """(module, name, first docstring line) for public functions whose docstring opens with 4+ words."""
+    for module, node in stdlib_functions(split):
+        doc = ast.get_docstring(node) if not node.name.startswith("__") else None
+        first = doc.strip().splitlines()[0].strip() if doc else ""
+        if len(first.split()) >= 4:
+            yield module, node.name, first
 
 
 def docstring_to_name(split: str = "val", choices: int = 4, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    funcs = list(_functions(split))
+    funcs = list(documented_functions(split))
     names_by_module: dict[str, list[str]] = {}
     for module, name, _ in funcs:
         names_by_module.setdefault(module, [])
@@ -61,4 +68,4 @@ def humaneval() -> list[dict]:
     return list(read_problems().values())
 
 
-__all__ = ["docstring_to_name", "humaneval", "STDLIB_VAL_MODULES"]
+__all__ = ["docstring_to_name", "documented_functions", "humaneval", "stdlib_functions", "STDLIB_VAL_MODULES"]
