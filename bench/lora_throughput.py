@@ -4,7 +4,8 @@ Model: a Llama-style decoder (hidden 256, 4 layers, 4 heads, intermediate 688, t
 BPE tokenizer trained on the standard library; data: 512 chat examples made from held-out stdlib docstrings
 (user: the docstring, assistant: the function's signature), loss on assistant tokens only; LoRA r=8, alpha=16 on
 q/k/v/o, AdamW, lr 2e-4, batch 8, fp32, 40 steps after 5 warm-up steps. Each side runs in a fresh process;
-tokens/s counts all (unpadded) tokens of the examples processed per second.
+tokens/s counts all (unpadded) tokens of the examples processed per second. The Trainer pads each batch to its
+longest example (its default collation); fmkit packs the same examples into rows (same loss, no padding).
 
     python bench/lora_throughput.py [--steps 40]
 """
@@ -60,11 +61,13 @@ model, data, out, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]
 finetune(model, data, out + "/warm", lora=True, steps=5, batch_size=8, lr=2e-4, max_len=512, workspace=out + "/ws")
 # one checkpoint, at the end (the Trainer side saves none): mid-run checkpoints are a resumability cost
 res = finetune(model, data, out + "/run", lora=True, steps=steps, batch_size=8, lr=2e-4, max_len=512,
-               workspace=out + "/ws", log_every=10, save_every=steps)
+               workspace=out + "/ws", log_every=1, save_every=steps)
 hist = [json.loads(l) for l in open(res / "metrics.jsonl")]
 # the training loop's own clock (first step to last, final checkpoint included), like Trainer.train() on the
 # other side; loading the model and tokenizing the data are outside both
-print(json.dumps({"seconds": hist[-1]["elapsed_s"], "tokens": hist[-1]["tokens_seen"], "loss": hist[-1]["loss"]}))
+# mean training loss over the run, the figure Trainer.train() reports
+print(json.dumps({"seconds": hist[-1]["elapsed_s"], "tokens": hist[-1]["tokens_seen"],
+                  "loss": sum(h["loss"] for h in hist) / len(hist)}))
 """
 
 PEER = """
@@ -122,7 +125,7 @@ def main() -> None:
               f"{args.steps} steps; {os.cpu_count()} cores")
         peer = run(PEER, str(model), str(data), str(tmp / "peer"), str(args.steps))
         ours = run(FMKIT, str(model), str(data), str(tmp / "fmkit"), str(args.steps))
-        print(f"\n{'':26} {'seconds':>8} {'tokens/s':>9} {'final loss':>11}")
+        print(f"\n{'':26} {'seconds':>8} {'tokens/s':>9} {'mean loss':>11}")
         for name, r in (("peft + transformers.Trainer", peer), ("fmkit finetune --lora", ours)):
             print(f"{name:26} {r['seconds']:8.1f} {r['tokens'] / r['seconds']:9.0f} {r['loss']:11.3f}")
         print(f"\nspeed-up: {(ours['tokens'] / ours['seconds']) / (peer['tokens'] / peer['seconds']):.2f}x")

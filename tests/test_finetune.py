@@ -76,6 +76,43 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(base):
     assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
 
 
+def test_packed_rows_give_the_padded_loss_and_gradients(base, data, monkeypatch):
+    from fmkit.adapt.finetune import SFTBatches, packing_is_exact, sft_objective, tokenize_examples
+    from fmkit.models.io import load_model
+    from fmkit.tokenize.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(base)
+    rows, _ = tokenize_examples(tok, validate_jsonl(data), 128, "truncate")
+    model = load_model(base).train()
+    picked = [3, 0, 7, 24, 5, 11]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = sft_objective(model, batch)[0]
+        loss.backward()
+        return float(loss.detach()), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    padded = SFTBatches(rows, 6, 1, 0, tok.pad_token_id)._collate(picked)
+    width = 2 * max(len(rows[i][0]) for i in picked)
+    packed = SFTBatches(rows, 6, 1, 0, tok.pad_token_id, packed=True, pack_width=width)._collate(picked)
+    assert padded["input_ids"].shape[0] == 6 and 1 < packed["input_ids"].shape[0] < 6   # several examples per row
+    assert int((packed["labels"] != -100).sum()) == int((padded["labels"] != -100).sum())
+    l_pad, g_pad = loss_and_grads(padded)
+    l_pack, g_pack = loss_and_grads(packed)
+    assert abs(l_pad - l_pack) < 1e-5 and torch.allclose(g_pad, g_pack, atol=1e-5)
+    # and the padded loss (no padding mask: rows are right-padded) is that of each example run alone
+    with torch.no_grad():
+        alone = [sft_objective(model, SFTBatches(rows, 1, 1, 0, tok.pad_token_id)._collate([i])) for i in picked]
+    mean = sum(float(l) * m["tokens"] for l, m in alone) / sum(m["tokens"] for _, m in alone)
+    assert abs(mean - l_pad) < 1e-5
+    assert packing_is_exact(model, rows, tok.pad_token_id)
+    # a model that would let packed examples see each other is caught, and keeps padded rows
+    import transformers.masking_utils as mu
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not packing_is_exact(model, rows, tok.pad_token_id)
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_finetune_reduces_loss(tmp_path, base, data, lora):
     out = finetune(base, data, tmp_path / "out", lora=lora, steps=24, batch_size=8, lr=3e-2 if lora else 3e-3,
@@ -84,6 +121,7 @@ def test_finetune_reduces_loss(tmp_path, base, data, lora):
     assert sum(ls[-4:]) / 4 < sum(ls[:4]) / 4 - 0.5
     m = json.loads((out / "fmkit.json").read_text())
     assert m["kind"] == ("adapter" if lora else "model") and m["examples"] == 25 and m["parent_model"]
+    assert m["packed"] is True
     assert "chat_template" in (out / "tokenizer_config.json").read_text() or (out / "chat_template.jinja").exists()
 
 
