@@ -17,9 +17,27 @@ def base(tmp_path_factory, tokenizer_dir):
     from conftest import save_tiny_llama
     from fmkit.tokenize.tokenizer import load_tokenizer
 
+    from fmkit.workspace import write_manifest
+
     tok = load_tokenizer(tokenizer_dir)
-    return save_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("base") / "model", 128,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    folder = save_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("base") / "model", 128,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    write_manifest(folder, {"kind": "model"})   # a model fmkit built: it may be given fmkit's chat template
+    return folder
+
+
+@pytest.fixture
+def foreign(tmp_path, base):
+    """The same weights as a plain transformers folder (no fmkit.json), as a model from elsewhere would be."""
+    import shutil
+
+    folder = tmp_path / "foreign"
+    shutil.copytree(base, folder, ignore=shutil.ignore_patterns("fmkit.json"))
+    return folder
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +247,32 @@ def test_plain_template_masks_the_completion_only(base):
                                    {"role": "assistant", "content": " identity(x):"}])
     assert tok.decode(ids) == "# Return x.\ndef identity(x):"
     assert tok.decode([t for t, m in zip(ids, mask) if m]) == " identity(x):"
+
+
+def test_a_models_own_chat_template_is_trained_in_its_format(tmp_path, foreign, data):
+    from fmkit.adapt.chat_template import encode_templated
+    from fmkit.tokenize.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(foreign)
+    tok.chat_template = CHATML
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "See you.", "weight": 0}, {"role": "user", "content": "?"},
+            {"role": "assistant", "content": "Done."}]
+    ids, mask = encode_templated(tok, msgs)
+    assert tok.decode(ids) == tok.apply_chat_template(msgs, tokenize=False)
+    trained = tok.decode([t for t, m in zip(ids, mask) if m])
+    assert trained == "Hello!<|im_end|>\nDone.<|im_end|>\n"
+    tok.save_pretrained(foreign)
+    out = finetune(foreign, data, tmp_path / "out", lora=True, steps=2, workspace=tmp_path / "ws")
+    assert json.loads((out / "fmkit.json").read_text())["template"] == "the model's own"
+    assert load_tokenizer(out).chat_template == CHATML          # saved as it came, not replaced by fmkit's
+
+
+def test_a_foreign_model_without_chat_template_is_refused_with_what_to_pass(tmp_path, foreign, data):
+    with pytest.raises(FmkitError, match="no chat template: pass --template fmkit") as e:
+        finetune(foreign, data, tmp_path / "out", lora=True, steps=2, workspace=tmp_path / "ws")
+    assert "\n" not in str(e.value)
+    out = finetune(foreign, data, tmp_path / "out", lora=True, steps=2, workspace=tmp_path / "ws",
+                   template="fmkit")
+    assert json.loads((out / "fmkit.json").read_text())["template"] == "fmkit"

@@ -124,6 +124,11 @@ def eval_(target: str = typer.Argument(..., metavar="MODEL | report RUN",
     typer.echo(f"results: {run / 'results.json'}, samples: {run / 'samples.jsonl'}")
 
 
+TEMPLATE = typer.Option("chat", help="How conversations become text: chat (the model's own chat template; fmkit's "
+                        "for fmkit models without one), fmkit (role headers), none (texts back to back), or a "
+                        ".jinja file.")
+
+
 @app.command()
 def finetune(model: Path = typer.Argument(..., help="Base model folder (fmkit's or any transformers causal LM)."),
              data: Path = typer.Argument(..., help="Chat JSONL ({\"messages\": [...]}) or prompt/completion JSONL."),
@@ -142,6 +147,7 @@ def finetune(model: Path = typer.Argument(..., help="Base model folder (fmkit's 
              val_data: Optional[Path] = typer.Option(None, help="Held-out JSONL for validation loss."),
              seed: int = typer.Option(0, help="Seed for example order."),
              resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+             template: str = TEMPLATE,
              workspace: Optional[Path] = WORKSPACE):
     """Fine-tune a model (full or LoRA) on chat data, with the loss on assistant replies only.
 
@@ -151,7 +157,7 @@ def finetune(model: Path = typer.Argument(..., help="Base model folder (fmkit's 
     from .adapt.finetune import finetune as run
 
     path = run(model, data, out, lora, lora_r, lora_alpha, list(target) or None, steps, lr, batch_size, grad_accum,
-               max_len, on_long, val_data, seed, resume, workspace)
+               max_len, on_long, val_data, seed, resume, workspace, template)
     typer.echo(f"{'adapter' if lora else 'model'} saved to {path}")
 
 
@@ -166,12 +172,13 @@ def dpo(model: Path = typer.Argument(..., help="Model folder to align (usually a
         lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 5e-5 LoRA, 5e-6 full)."),
         batch_size: int = typer.Option(4, help="Pairs per step."),
         seed: int = typer.Option(0, help="Seed for pair order."),
+        template: str = TEMPLATE,
         workspace: Optional[Path] = WORKSPACE):
     """Direct Preference Optimization on chosen/rejected pairs; logs reward accuracy and margins."""
     from .adapt.dpo import dpo as run
 
     path = run(model, data, out, beta, lora, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-               workspace=workspace)
+               workspace=workspace, template=template)
     typer.echo(f"{'adapter' if lora else 'model'} saved to {path}")
 
 

@@ -1,10 +1,17 @@
-"""The chat template fmkit saves into its tokenizers, and tokenisation with an assistant-only loss mask.
+"""Chat templates and tokenisation with an assistant-only loss mask.
 
-The template is plain text with role headers, rendered by transformers' `apply_chat_template` like any other.
-`encode_chat` renders messages piece by piece so the mask is exact: tokens of assistant replies (and the EOS that
-ends each) are trained on; system and user turns and the role headers are not.
+fmkit's own template is plain text with role headers, rendered by transformers' `apply_chat_template` like any
+other. `encode_chat` renders messages under it piece by piece so the mask is exact: tokens of assistant replies
+(and the EOS that ends each) are trained on; system and user turns and the role headers are not. A model that
+brings its own template is trained in that format (`encode_templated`), so it is prompted later as it was tuned.
 """
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..errors import FmkitError
+from ..workspace import read_manifest
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -15,12 +22,54 @@ CHAT_TEMPLATE = (
 )
 
 
-def ensure_chat_template(tok) -> bool:
-    """Give a tokenizer fmkit's chat template when it has none; returns True when it was added."""
-    if getattr(tok, "chat_template", None):
-        return False
-    tok.chat_template = CHAT_TEMPLATE
-    return True
+def choose_encoding(tok, base: Path, template: str = "chat") -> tuple[Callable, str]:
+    """How conversations become (ids, loss mask) for this model; also returns what was used, for fmkit.json.
+
+    template: "chat" — the tokenizer's own chat template; a model fmkit built (fmkit.json) that has none gets
+    fmkit's, saved with the result; any other model without one is refused, since inventing a format for it would
+    not match how it is prompted later. "fmkit" — fmkit's role headers, replacing the tokenizer's. "none" — the
+    turns' texts back to back (base-model style). A path to a .jinja file — that template."""
+    if template == "none":
+        return encode_plain, "none"
+    if template == "fmkit":
+        tok.chat_template = CHAT_TEMPLATE
+        return encode_chat, "fmkit"
+    if template != "chat":
+        path = Path(template)
+        if not path.is_file():
+            raise FmkitError(f"template must be chat, fmkit, none or a .jinja file; {template} is none of these")
+        tok.chat_template = path.read_text()
+        return encode_templated, f"file {path.resolve()}"
+    if not getattr(tok, "chat_template", None):
+        if not read_manifest(base):
+            raise FmkitError(f"{base} has no chat template: pass --template fmkit (fmkit's role headers), "
+                             "--template FILE.jinja (your own), or --template none (texts back to back)")
+        tok.chat_template = CHAT_TEMPLATE
+        return encode_chat, "fmkit (added)"
+    return (encode_chat, "fmkit") if tok.chat_template == CHAT_TEMPLATE else (encode_templated, "the model's own")
+
+
+def encode_templated(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) under the tokenizer's own chat template. Each trained assistant turn's characters
+    are found by rendering the conversation up to it (with the generation prompt) and through it; tokens that
+    start inside such a span are trained, which includes the template's end-of-turn marker."""
+    conv = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    def render(msgs, prompt=False):
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt) if msgs else ""
+
+    text, spans = render(conv), []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or m.get("weight", 1) != 1:
+            continue
+        before, through = render(conv[:i], True), render(conv[:i + 1])
+        if not (text.startswith(before) and text.startswith(through)):
+            raise FmkitError("this chat template renders a conversation's start differently from the whole, so the "
+                             "assistant turns cannot be located: pass --template fmkit or a .jinja file")
+        spans.append((len(before), len(through)))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [1 if any(s <= a < e for s, e in spans) else 0 for a, _ in enc["offset_mapping"]]
+    return enc["input_ids"], mask
 
 
 def encode_plain(tok, messages: list[dict]) -> tuple[list[int], list[int]]:

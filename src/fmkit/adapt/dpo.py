@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..config import TrainConfig
 from ..errors import FmkitError
 from ..workspace import Workspace, read_manifest
-from .chat_template import encode_chat, ensure_chat_template
+from .chat_template import choose_encoding
 from .finetune import IGNORE, lora_targets, save_trained
 
 
@@ -87,6 +87,7 @@ def dpo_objective(beta: float):
         chosen = beta * (logps[:n] - batch["ref"][:n])
         rejected = beta * (logps[n:] - batch["ref"][n:])
         loss = -F.logsigmoid(chosen - rejected).mean()
+        chosen, rejected = chosen.detach(), rejected.detach()
         return loss, {"reward_accuracy": float((chosen > rejected).float().mean()),
                       "reward_margin": float((chosen - rejected).mean()),
                       "reward_chosen": float(chosen.mean()), "reward_rejected": float(rejected.mean())}
@@ -129,7 +130,8 @@ class PairBatches:
 
 def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta: float = 0.1, lora: bool = False,
         lora_r: int = 8, lora_alpha: int = 16, steps: int = 100, lr: float | None = None, batch_size: int = 4,
-        max_len: int = 0, seed: int = 0, workspace: str | Path | None = None, **train_kw) -> Path:
+        max_len: int = 0, seed: int = 0, workspace: str | Path | None = None, template: str = "chat",
+        **train_kw) -> Path:
     """Align `model` on preference pairs with DPO; returns the output folder (model, or LoRA adapter)."""
     from ..models.io import load_model
     from ..tokenize.tokenizer import load_tokenizer
@@ -139,14 +141,14 @@ def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta
     if not (base / "config.json").is_file():
         raise FmkitError(f"{base} is not a model folder (no config.json)")
     tok = load_tokenizer(base)
-    ensure_chat_template(tok)
+    encode, template_used = choose_encoding(tok, base, template)
     pairs = read_pairs(data)
     net = load_model(base).train()
     limit = getattr(net.config, "max_position_embeddings", 2048)
     max_len = min(max_len or limit, limit)
     rows = []
     for prompt, chosen, rejected in pairs:
-        enc = [encode_chat(tok, prompt + [{"role": "assistant", "content": a}]) for a in (chosen, rejected)]
+        enc = [encode(tok, prompt + [{"role": "assistant", "content": a}]) for a in (chosen, rejected)]
         if any(len(t) > max_len for t, _ in enc):
             enc = [(t[-max_len:], m[-max_len:]) for t, m in enc]   # keep the answers; the prompt start goes
         rows.append(tuple(enc))
@@ -182,5 +184,5 @@ def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta
     manifest = {"kind": "adapter" if lora else "model", "method": "dpo" + (" lora" if lora else ""), "beta": beta,
                 "parent_model": str(base.resolve()), "parent_id": base_id or None, "data": str(Path(data).resolve()),
                 "pairs": len(rows), "steps": result.step, "final_metrics": result.history[-1] if result.history else {},
-                "run_id": run_id, "seconds": round(time.time() - started, 1)}
+                "template": template_used, "run_id": run_id, "seconds": round(time.time() - started, 1)}
     return save_trained(net, tok, out, lora, manifest, ws, base_id, run_id)

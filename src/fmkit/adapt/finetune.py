@@ -19,7 +19,7 @@ from ..config import TrainConfig
 from ..errors import FmkitError
 from ..workspace import Workspace, read_manifest, write_manifest
 from .chat_data import validate_jsonl
-from .chat_template import encode_chat, encode_plain, ensure_chat_template
+from .chat_template import choose_encoding, encode_chat
 
 IGNORE = -100
 
@@ -153,8 +153,7 @@ def packing_is_exact(model, rows: list, pad_id: int, n: int = 4) -> bool:
         model.train(was_training)
 
 
-def tokenize_examples(tok, examples, max_len: int, on_long: str, template: str = "chat") -> tuple[list, Counter]:
-    encode = encode_chat if template == "chat" else encode_plain
+def tokenize_examples(tok, examples, max_len: int, on_long: str, encode=encode_chat) -> tuple[list, Counter]:
     rows, counts = [], Counter()
     for ex in examples:
         ids, mask = encode(tok, ex.messages)
@@ -186,15 +185,15 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
              lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_len: int = 0,
              on_long: str = "truncate", val_data: str | Path | None = None, seed: int = 0, resume: bool = False,
              workspace: str | Path | None = None, template: str = "chat", **train_kw) -> Path:
-    """Fine-tune `model` on `data`; returns the output folder (model or LoRA adapter)."""
+    """Fine-tune `model` on `data`; returns the output folder (model or LoRA adapter). `template`: chat (the
+    model's own chat template; fmkit's for fmkit models without one), fmkit, none, or a .jinja file
+    (`chat_template.choose_encoding`)."""
     from ..models.io import load_model
     from ..tokenize.tokenizer import load_tokenizer
     from ..train.loop import train
 
     if on_long not in ("truncate", "drop"):
         raise FmkitError("on_long must be truncate or drop")
-    if template not in ("chat", "none"):
-        raise FmkitError("template must be chat (role headers) or none (turn texts back to back)")
     base = Path(model)
     if not (base / "config.json").is_file():
         raise FmkitError(f"{base} is not a model folder (no config.json)")
@@ -203,15 +202,15 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
     except Exception:
         raise FmkitError(f"{base} has no tokenizer files; copy the tokenizer it was trained with into the folder "
                          "(tokenizer.json, tokenizer_config.json)") from None
-    added_template = ensure_chat_template(tok)
+    encode, template_used = choose_encoding(tok, base, template)
     examples = validate_jsonl(data)
     net = load_model(base).train()
     limit = net.config.max_position_embeddings if hasattr(net.config, "max_position_embeddings") else 2048
     max_len = min(max_len or limit, limit)
-    rows, counts = tokenize_examples(tok, examples, max_len, on_long, template)
+    rows, counts = tokenize_examples(tok, examples, max_len, on_long, encode)
     if not rows:
         raise FmkitError(f"{data}: no usable examples after fitting them to {max_len} tokens ({dict(counts)})")
-    val_rows = tokenize_examples(tok, validate_jsonl(val_data), max_len, on_long, template)[0] if val_data else []
+    val_rows = tokenize_examples(tok, validate_jsonl(val_data), max_len, on_long, encode)[0] if val_data else []
     ws = Workspace(workspace)
     out = Path(out) if out else ws.path("models", f"{base.name}-{'lora' if lora else 'ft'}")
     if lora:
@@ -242,7 +241,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
                 "parent_model": str(base.resolve()), "parent_id": base_id or None, "data": str(Path(data).resolve()),
                 "examples": len(rows), "data_counts": dict(counts), "packed": packed, "steps": result.step,
                 "tokens_seen": result.tokens_seen, "final_metrics": result.history[-1] if result.history else {},
-                "chat_template_added": added_template, "template": template, "run_id": run_id, "seconds": round(time.time() - started, 1),
+                "template": template_used, "run_id": run_id, "seconds": round(time.time() - started, 1),
                 "lineage": {k: v for k, v in read_manifest(base).items() if k in ("dataset", "shards", "shards_id")}}
     if lora:
         manifest.update(lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets)
