@@ -52,14 +52,14 @@ def synthetic(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
 def build(index_dir: Path, texts: list[str], vectors: np.ndarray) -> None:
     """Fill an index the way `rag.index` does, minus reading files and embedding: documents of 10 chunks, every
     other document tagged lang=en."""
-    db = rag._open(index_dir, create=True)
-    rag._set(db, "encoder", "synthetic")
-    rag._set(db, "dim", DIM)
+    db = rag.store.open_index(index_dir, create=True)
+    rag.store.set_setting(db, "encoder", "synthetic")
+    rag.store.set_setting(db, "dim", DIM)
     for d in range(0, len(texts), 10):
-        rag._add_document(db, f"/synthetic/{d // 10}.txt", f"{d // 10}.txt", "", f"doc {d // 10}", texts[d:d + 10],
+        rag.store.add_document(db, f"/synthetic/{d // 10}.txt", f"{d // 10}.txt", "", f"doc {d // 10}", texts[d:d + 10],
                           vectors[d:d + 10], {"lang": "en" if d // 10 % 2 else "de"})
-    rag._commit(db)
-    rag._vectors(db, index_dir)
+    rag.store.commit(db)
+    rag.store.vectors(db, index_dir)
     db.close()
 
 
@@ -116,9 +116,9 @@ def main() -> None:
         truth = np.concatenate([np.argsort(-(v64 @ q64[b:b + 100].T), axis=0)[:10].T
                                 for b in range(0, args.queries, 100)])
         del v64
-        db = rag._open(index_dir)
-        ids, matrix = rag._vectors(db, index_dir)
-        found, ms = timed(lambda q: [i - 1 for i, _ in rag._dense(db, ids, matrix, q, None, 10)], queries)
+        db = rag.store.open_index(index_dir)
+        ids, matrix = rag.store.vectors(db, index_dir)
+        found, ms = timed(lambda q: [i - 1 for i, _ in rag.retrieve.dense(db, ids, matrix, q, None, 10)], queries)
         db.close()
         r = recall(found, truth)   # chunk ids start at 1, rows at 0
         dense_p50 = float(np.percentile(ms, 50))

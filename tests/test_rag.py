@@ -89,11 +89,11 @@ def test_filter_applies_inside_retrieval(corpus):
     assert all(c["meta"]["lang"] == "de" for c in result["chunks"])
     # Each retriever ranks only the allowed chunks: asked for 5, it returns 5 of them, not the allowed part of a top 5.
     db = sqlite3.connect(corpus["index"] / "rag.sqlite")
-    ids, matrix = rag._vectors(db, corpus["index"])
-    rows = rag._allowed(db, corpus["index"], ids, {"lang": "de"})
-    query = rag._load_encoder(rag.BUILTIN).embed(["Who painted the Varnholm lighthouse orange?"])[0]
-    dense = rag._dense(db, ids, matrix, query, rows, 5)
-    bm25 = rag._bm25(db, "visitors tickets tours", *rag._where({"lang": "de"}), 5)
+    ids, matrix = rag.store.vectors(db, corpus["index"])
+    rows = rag.retrieve.allowed_rows(db, corpus["index"], ids, {"lang": "de"})
+    query = rag.load_encoder(rag.BUILTIN).embed(["Who painted the Varnholm lighthouse orange?"])[0]
+    dense = rag.retrieve.dense(db, ids, matrix, query, rows, 5)
+    bm25 = rag.retrieve.bm25(db, "visitors tickets tours", *rag.retrieve.where_sql({"lang": "de"}), 5)
     allowed = {i for (i,) in db.execute("SELECT chunk FROM chunk_meta WHERE key = 'lang' AND value = 'de'")}
     db.close()
     assert len(dense) == 5 and len(bm25) == 5 and {i for i, _ in dense + bm25} <= allowed
@@ -149,9 +149,9 @@ def test_reindex_upserts_by_content(tmp_path):
 
 
 def test_chunks_are_token_windows_with_overlap():
-    tok = rag._load_encoder(rag.BUILTIN).tokenizer
+    tok = rag.load_encoder(rag.BUILTIN).tokenizer
     words = [w for w in sorted(tok.get_vocab()) if w.isalpha() and w.isascii() and len(w) > 4][:200]  # 1 token each
-    chunks = rag._chunk(" ".join(words), tok, 32, 8)
+    chunks = rag.documents.chunk_text(" ".join(words), tok, 32, 8)
     # windows of 32 tokens, each starting 24 after the last (8 shared), the last one reaching the end
     assert chunks == [" ".join(words[s:s + 32]) for s in range(0, 200 - 8, 24)]
 
