@@ -168,6 +168,7 @@ def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta
         from peft import LoraConfig, get_peft_model
 
         targets = lora_targets(net, ["q_proj", "k_proj", "v_proj", "o_proj"])
+        torch.manual_seed(seed)   # the adapter's random init: the same run gives the same adapter
         net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                                              target_modules=targets, task_type="CAUSAL_LM"))
     ws = Workspace(workspace)

@@ -220,6 +220,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
             raise FmkitError("LoRA needs peft: pip install 'fmkit[adapt]'") from None
 
         targets = lora_targets(net, lora_targets_ or ["q_proj", "k_proj", "v_proj", "o_proj"])
+        torch.manual_seed(seed)   # the adapter's random init: the same run gives the same adapter
         net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                                              target_modules=targets, task_type="CAUSAL_LM"))
     mean_len = round(float(np.mean([len(t) for t, _ in rows])))   # for the FLOPs estimate (MFU)
