@@ -2,10 +2,11 @@
 
 Model: a Llama-style decoder (hidden 256, 4 layers, 4 heads, intermediate 688, tied embeddings) with an 8,192-token
 BPE tokenizer trained on the standard library; data: 512 chat examples made from held-out stdlib docstrings
-(user: the docstring, assistant: the function's signature), loss on assistant tokens only; LoRA r=8, alpha=16 on
-q/k/v/o, AdamW, lr 2e-4, batch 8, fp32, 40 steps after 5 warm-up steps. Each side runs in a fresh process;
-tokens/s counts all (unpadded) tokens of the examples processed per second. The Trainer pads each batch to its
-longest example (its default collation); fmkit packs the same examples into rows (same loss, no padding).
+(user: the docstring, assistant: the function's signature) in fmkit's chat format on both sides, loss on assistant
+tokens only; LoRA r=8, alpha=16 on q/k/v/o, AdamW, lr 2e-4, batch 8, fp32, 40 steps after 5 warm-up steps. Each
+side runs in a fresh process; tokens/s counts all (unpadded) tokens of the examples processed per second. The
+Trainer pads each batch to its longest example (its default collation); fmkit packs the same examples into rows
+(same loss, no padding).
 
     python bench/lora_throughput.py [--steps 40]
 """
@@ -58,10 +59,11 @@ FMKIT = """
 import json, sys, time
 from fmkit.adapt.finetune import finetune
 model, data, out, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-finetune(model, data, out + "/warm", lora=True, steps=5, batch_size=8, lr=2e-4, max_len=512, workspace=out + "/ws")
+finetune(model, data, out + "/warm", lora=True, steps=5, batch_size=8, lr=2e-4, max_len=512, workspace=out + "/ws",
+         template="fmkit")
 # one checkpoint, at the end (the Trainer side saves none): mid-run checkpoints are a resumability cost
 res = finetune(model, data, out + "/run", lora=True, steps=steps, batch_size=8, lr=2e-4, max_len=512,
-               workspace=out + "/ws", log_every=1, save_every=steps)
+               workspace=out + "/ws", log_every=1, save_every=steps, template="fmkit")
 hist = [json.loads(l) for l in open(res / "metrics.jsonl")]
 # the training loop's own clock (first step to last, final checkpoint included), like Trainer.train() on the
 # other side; loading the model and tokenizing the data are outside both
