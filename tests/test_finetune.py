@@ -136,7 +136,8 @@ def test_finetune_reduces_loss(tmp_path, base, data, lora):
     out = finetune(base, data, tmp_path / "out", lora=lora, steps=24, batch_size=8, lr=3e-2 if lora else 3e-3,
                    lora_r=16, workspace=tmp_path / "ws", log_every=1)
     ls = losses(out)
-    assert sum(ls[-4:]) / 4 < sum(ls[:4]) / 4 - 0.5
+    # adapters on attention alone, over a random base, plateau higher than full fine-tuning
+    assert sum(ls[-4:]) / 4 < sum(ls[:4]) / 4 - (0.3 if lora else 0.5)
     m = json.loads((out / "fmkit.json").read_text())
     assert m["kind"] == ("adapter" if lora else "model") and m["examples"] == 25 and m["parent_model"]
     assert m["packed"] is True
@@ -276,3 +277,62 @@ def test_a_foreign_model_without_chat_template_is_refused_with_what_to_pass(tmp_
     out = finetune(foreign, data, tmp_path / "out", lora=True, steps=2, workspace=tmp_path / "ws",
                    template="fmkit")
     assert json.loads((out / "fmkit.json").read_text())["template"] == "fmkit"
+
+
+def test_qlora_trains_an_adapter_on_a_4bit_base(tmp_path, base, data):
+    pytest.importorskip("bitsandbytes")   # in the dev extras; skipped only where it cannot be installed
+    from peft import PeftModel
+
+    from fmkit.adapt.finetune import load_quantized
+    from fmkit.models.io import load_model
+
+    quantized = load_quantized(base, "cpu")
+    kinds = {type(m).__name__ for m in quantized.modules()}
+    assert "Linear4bit" in kinds and "Linear" in kinds   # the projections are 4-bit, the LM head is not
+    out = finetune(base, data, tmp_path / "qlora", qlora=True, steps=24, batch_size=8, lr=3e-2, lora_r=16,
+                   workspace=tmp_path / "ws", log_every=1)
+    ls = losses(out)
+    assert sum(ls[-4:]) / 4 < sum(ls[:4]) / 4 - 0.3
+    # an eval-mode pass (validation) must leave the 4-bit layers trainable: the same batch gives the same
+    # adapter gradients before and after one
+    from peft import LoraConfig, get_peft_model
+
+    net = get_peft_model(quantized, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    x = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        net.zero_grad()
+        net(input_ids=x, labels=x).loss.backward()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in net.parameters() if p.requires_grad])
+
+    net.train()
+    before = grads()
+    net.eval()
+    with torch.no_grad():
+        net(input_ids=x)
+    net.train()
+    assert torch.allclose(before, grads(), atol=1e-6)
+    m = json.loads((out / "fmkit.json").read_text())
+    assert m["method"] == "qlora" and m["kind"] == "adapter" and "nf4" in m["quantization"]
+    # the adapter loads with peft on the full-precision base, which moves its outputs away from the base's
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        tuned = PeftModel.from_pretrained(load_model(base), str(out)).eval()(input_ids=x).logits
+        plain = load_model(base)(input_ids=x).logits
+    assert (tuned - plain).abs().max() > 1e-3
+
+
+def test_qlora_without_bitsandbytes_says_what_to_install(tmp_path, base, data, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_bnb(name, *a, **k):
+        if name == "bitsandbytes":
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(FmkitError, match=r"QLoRA needs bitsandbytes and peft: pip install 'fmkit\[qlora\]'"):
+        finetune(base, data, tmp_path / "q", qlora=True, steps=2, workspace=tmp_path / "ws")

@@ -134,6 +134,8 @@ def finetune(model: Path = typer.Argument(..., help="Base model folder (fmkit's 
              data: Path = typer.Argument(..., help="Chat JSONL ({\"messages\": [...]}) or prompt/completion JSONL."),
              out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/models/NAME-lora|ft)."),
              lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter instead of all weights."),
+             qlora: bool = typer.Option(False, "--qlora", help="LoRA on the base loaded in 4-bit NF4 "
+                                        "(bitsandbytes; GPU if there is one, else CPU)."),
              lora_r: int = typer.Option(8, help="LoRA rank."),
              lora_alpha: int = typer.Option(16, help="LoRA alpha (scale = alpha / r)."),
              target: List[str] = typer.Option([], "--target", help="LoRA target module; repeatable "
@@ -156,9 +158,11 @@ def finetune(model: Path = typer.Argument(..., help="Base model folder (fmkit's 
     """
     from .adapt.finetune import finetune as run
 
-    path = run(model, data, out, lora, lora_r, lora_alpha, list(target) or None, steps, lr, batch_size, grad_accum,
-               max_len, on_long, val_data, seed, resume, workspace, template)
-    typer.echo(f"{'adapter' if lora else 'model'} saved to {path}")
+    path = run(model, data, out, lora=lora, qlora=qlora, lora_r=lora_r, lora_alpha=lora_alpha,
+               lora_targets_=list(target) or None, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+               max_len=max_len, on_long=on_long, val_data=val_data, seed=seed, resume=resume, workspace=workspace,
+               template=template)
+    typer.echo(f"{'adapter' if lora or qlora else 'model'} saved to {path}")
 
 
 @app.command()

@@ -180,12 +180,43 @@ def lora_targets(model, wanted: list[str]) -> list[str]:
     return wanted
 
 
+def load_quantized(base: Path, device: str):
+    """The base model with its linear layers stored in 4-bit NF4 by bitsandbytes (double-quantised), ready for
+    QLoRA: the adapters train in the compute dtype on top of the frozen 4-bit weights."""
+    import logging
+
+    # bitsandbytes logs a hint to fetch CPU kernels from the hub at import; fmkit never downloads, and the
+    # built-in CPU path it falls back to is the one used
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    except ImportError:
+        raise FmkitError("QLoRA needs bitsandbytes and peft: pip install 'fmkit[qlora]'") from None
+    if not any(base.glob("*.safetensors")):
+        raise FmkitError(f"{base} has no safetensors weights; QLoRA loads only those (convert the checkpoint first)")
+    compute = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute)
+    net = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device},
+                                               use_safetensors=True, attn_implementation="sdpa")
+    for module in net.modules():
+        # On CPUs with AVX512-BF16, bitsandbytes repacks the 4-bit weights on the first eval-mode forward (a
+        # validation pass) into a layout whose matmul has no backward: training after that would get no
+        # gradients through those layers. Keep the trainable layout.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
+
+
 def finetune(model: str | Path, data: str | Path, out: str | Path | None = None, lora: bool = False,
-             lora_r: int = 8, lora_alpha: int = 16, lora_targets_: list[str] | None = None, steps: int = 100,
+             qlora: bool = False, lora_r: int = 8, lora_alpha: int = 16, lora_targets_: list[str] | None = None, steps: int = 100,
              lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_len: int = 0,
              on_long: str = "truncate", val_data: str | Path | None = None, seed: int = 0, resume: bool = False,
              workspace: str | Path | None = None, template: str = "chat", **train_kw) -> Path:
-    """Fine-tune `model` on `data`; returns the output folder (model or LoRA adapter). `template`: chat (the
+    """Fine-tune `model` on `data`; returns the output folder (model or LoRA adapter). `qlora`: LoRA on the base
+    loaded in 4-bit NF4 (bitsandbytes; on a GPU when there is one, else the CPU). `template`: chat (the
     model's own chat template; fmkit's for fmkit models without one), fmkit, none, or a .jinja file
     (`chat_template.choose_encoding`)."""
     from ..models.io import load_model
@@ -204,7 +235,12 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
                          "(tokenizer.json, tokenizer_config.json)") from None
     encode, template_used = choose_encoding(tok, base, template)
     examples = validate_jsonl(data)
-    net = load_model(base).train()
+    lora = lora or qlora
+    if qlora:
+        wanted = train_kw.get("device", "auto")
+        net = load_quantized(base, "cuda" if wanted != "cpu" and torch.cuda.is_available() else "cpu").train()
+    else:
+        net = load_model(base).train()
     limit = net.config.max_position_embeddings if hasattr(net.config, "max_position_embeddings") else 2048
     max_len = min(max_len or limit, limit)
     rows, counts = tokenize_examples(tok, examples, max_len, on_long, encode)
@@ -238,7 +274,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
                           [base_id])
     started = time.time()
     result = train(net, sft_objective, batches, cfg, out, val_batches=val, resume=resume)
-    manifest = {"kind": "adapter" if lora else "model", "method": "lora" if lora else "full",
+    manifest = {"kind": "adapter" if lora else "model", "method": "qlora" if qlora else "lora" if lora else "full",
                 "parent_model": str(base.resolve()), "parent_id": base_id or None, "data": str(Path(data).resolve()),
                 "examples": len(rows), "data_counts": dict(counts), "packed": packed, "steps": result.step,
                 "tokens_seen": result.tokens_seen, "final_metrics": result.history[-1] if result.history else {},
@@ -246,6 +282,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
                 "lineage": {k: v for k, v in read_manifest(base).items() if k in ("dataset", "shards", "shards_id")}}
     if lora:
         manifest.update(lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets)
+    if qlora:
+        manifest["quantization"] = "nf4, double-quantised (bitsandbytes)"
     return save_trained(net, tok, out, lora, manifest, ws, base_id, run_id)
 
 
