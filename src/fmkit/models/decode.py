@@ -56,7 +56,8 @@ class LlamaDecoder:
         return x * cos + rotated * sin
 
     def _logits(self, x):
-        if x.shape[0] == 1:
+        # measured on AVX512 CPUs: (hidden, vocab) wins for one fp32 row and for bf16 at any batch
+        if x.shape[0] == 1 or self.dtype == torch.bfloat16:
             return x @ self.head_t
         return torch.mm(self.head, x.t()).t()
 
