@@ -1,7 +1,13 @@
 """fmkit: the foundation-model lifecycle in one toolkit. The Python API mirrors the CLI verbs."""
+import logging
+
 from .errors import FmkitError
 
 __version__ = "0.1.0"
+
+# bitsandbytes (imported by peft whenever it is installed) logs a hint to fetch CPU kernels from the hub; fmkit
+# never downloads, and the built-in CPU path it falls back to is the one used
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["FmkitError", "quickstart", "curate", "curate_report", "build_ngram_index", "NGramIndex",
            "evaluate", "get_model", "finetune", "merge", "validate_jsonl",

@@ -7,6 +7,7 @@ lineage; `merge` folds an adapter into its base.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,9 @@ from .chat_data import validate_jsonl
 from .chat_template import choose_encoding, encode_chat
 
 IGNORE = -100
+# peft (0.21) still asks transformers for `is_gradient_checkpointing`, which v5 deprecates: noise for users of
+# fmkit's verbs, nothing they can act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 
 def _body_and_head(model):
@@ -183,11 +187,6 @@ def lora_targets(model, wanted: list[str]) -> list[str]:
 def load_quantized(base: Path, device: str):
     """The base model with its linear layers stored in 4-bit NF4 by bitsandbytes (double-quantised), ready for
     QLoRA: the adapters train in the compute dtype on top of the frozen 4-bit weights."""
-    import logging
-
-    # bitsandbytes logs a hint to fetch CPU kernels from the hub at import; fmkit never downloads, and the
-    # built-in CPU path it falls back to is the one used
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes  # noqa: F401
         from peft import prepare_model_for_kbit_training
