@@ -101,6 +101,34 @@ def read_examples(path: str | Path, max_errors: int = 20) -> tuple[list[Example]
     return examples, report
 
 
+class BadLine(ValueError):
+    """What is wrong with one JSONL line; `read_jsonl` adds the file and line number."""
+
+
+def read_jsonl(path: str | Path, parse, missing: str, empty: str) -> list:
+    """`parse(row)` of every JSON line of PATH (blank lines skipped); `parse` raises BadLine to reject a line. All
+    problems are reported together, each as `file:line: what is wrong`, in one FmkitError. `missing` names the file
+    when it does not exist ("preference data"), `empty` what a file without any line holds ("examples")."""
+    p = Path(path)
+    if not p.is_file():
+        raise FmkitError(f"{missing} {p} not found")
+    items, errors = [], []
+    for lineno, raw in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            items.append(parse(json.loads(raw)))
+        except json.JSONDecodeError as e:
+            errors.append(f"{p}:{lineno}: invalid JSON ({e.msg})")
+        except BadLine as e:
+            errors.append(f"{p}:{lineno}: {e}")
+    if errors:
+        raise FmkitError(f"{len(errors)} problem(s) in {p}:\n  " + "\n  ".join(errors[:20]))
+    if not items:
+        raise FmkitError(f"{p} holds no {empty}")
+    return items
+
+
 def validate_jsonl(path: str | Path) -> list[Example]:
     """Examples of a valid file; otherwise one FmkitError listing the first problems with their line numbers."""
     examples, report = read_examples(path)

@@ -4,7 +4,6 @@ trained by the one loop. Data: JSONL lines `{"text": ..., "label": ...}`.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from ..config import TrainConfig
 from ..errors import FmkitError
 from ..workspace import Workspace, read_manifest, write_manifest
+from .chat_data import BadLine, read_jsonl
 
 
 def minilm_path() -> Path:
@@ -36,27 +36,12 @@ def resolve_encoder(name: str | Path) -> Path:
 
 
 def read_labelled(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[tuple[str, str]]:
-    p = Path(path)
-    if not p.is_file():
-        raise FmkitError(f"data file {p} not found")
-    rows, errors = [], []
-    for lineno, raw in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            errors.append(f"{p}:{lineno}: invalid JSON ({e.msg})")
-            continue
+    def labelled(row) -> tuple[str, str]:
         if not isinstance(row, dict) or not isinstance(row.get(text_field), str) or row.get(label_field) is None:
-            errors.append(f"{p}:{lineno}: needs a string '{text_field}' and a '{label_field}'")
-            continue
-        rows.append((row[text_field], str(row[label_field])))
-    if errors:
-        raise FmkitError(f"{len(errors)} problem(s) in {p}:\n  " + "\n  ".join(errors[:20]))
-    if not rows:
-        raise FmkitError(f"{p} holds no examples")
-    return rows
+            raise BadLine(f"needs a string '{text_field}' and a '{label_field}'")
+        return row[text_field], str(row[label_field])
+
+    return read_jsonl(path, labelled, "data file", "examples")
 
 
 class ClassBatches:

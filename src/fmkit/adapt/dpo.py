@@ -12,7 +12,6 @@ Data: JSONL lines `{"prompt": str | messages, "chosen": str, "rejected": str}`, 
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,51 +23,35 @@ import torch.nn.functional as F
 from ..config import TrainConfig
 from ..errors import FmkitError
 from ..workspace import Workspace, read_manifest
+from .chat_data import BadLine, read_jsonl
 from .chat_template import choose_encoding
 from .finetune import IGNORE, lora_targets, save_trained
 
 
+def _pair(row) -> tuple[list, str, str]:
+    if isinstance(row, dict) and "input" in row:
+        prompt = row["input"].get("messages") if isinstance(row["input"], dict) else None
+        pick = lambda k: (row.get(k) or [{}])[0].get("content") if isinstance(row.get(k), list) else None  # noqa: E731
+        chosen, rejected = pick("preferred_output"), pick("non_preferred_output")
+    elif isinstance(row, dict):
+        prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+    else:
+        raise BadLine("each line must be a JSON object")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
+        raise BadLine("'prompt' must be a string or a list of messages with text content")
+    if not isinstance(chosen, str) or not isinstance(rejected, str) or not chosen.strip() or not rejected.strip():
+        raise BadLine("'chosen' and 'rejected' must both be non-empty strings")
+    if chosen == rejected:
+        raise BadLine("'chosen' and 'rejected' are the same text")
+    return prompt, chosen, rejected
+
+
 def read_pairs(path: str | Path) -> list[tuple[list, str, str]]:
-    p = Path(path)
-    if not p.is_file():
-        raise FmkitError(f"preference data {p} not found")
-    pairs, errors = [], []
-    for lineno, raw in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not raw.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            errors.append(f"{where}: invalid JSON ({e.msg})")
-            continue
-        if isinstance(row, dict) and "input" in row:
-            prompt = row["input"].get("messages") if isinstance(row["input"], dict) else None
-            pick = lambda k: (row.get(k) or [{}])[0].get("content") if isinstance(row.get(k), list) else None
-            chosen, rejected = pick("preferred_output"), pick("non_preferred_output")
-        elif isinstance(row, dict):
-            prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
-        else:
-            errors.append(f"{where}: each line must be a JSON object")
-            continue
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if not isinstance(prompt, list) or not prompt or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
-            errors.append(f"{where}: 'prompt' must be a string or a list of messages with text content")
-            continue
-        if not isinstance(chosen, str) or not isinstance(rejected, str) or not chosen.strip() or not rejected.strip():
-            errors.append(f"{where}: 'chosen' and 'rejected' must both be non-empty strings")
-            continue
-        if chosen == rejected:
-            errors.append(f"{where}: 'chosen' and 'rejected' are the same text")
-            continue
-        pairs.append((prompt, chosen, rejected))
-    if errors:
-        raise FmkitError(f"{len(errors)} problem(s) in {p}:\n  " + "\n  ".join(errors[:20]))
-    if not pairs:
-        raise FmkitError(f"{p} holds no preference pairs")
-    return pairs
+    """(prompt messages, chosen, rejected) per line: prompt/chosen/rejected, or OpenAI's preference format."""
+    return read_jsonl(path, _pair, "preference data", "preference pairs")
 
 
 def _sequence_logps(model, ids: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:

@@ -118,11 +118,9 @@ class SFTBatches:
                 # an example's first token is never a target (in a packed row it would follow the previous one)
                 labels[r, at + 1:at + n] = torch.tensor([tok if keep else IGNORE for tok, keep in zip(t[1:], m[1:])])
                 at += n
+            # a packed row's padded tail restarts its positions too, so it is a sequence of its own
+            pos[r, at:] = torch.arange(width - at)
         if self.packed:
-            # the padded tail of a row restarts its positions too, so it is a sequence of its own
-            for r in range(len(lines)):
-                tail = int(attn[r].sum())
-                pos[r, tail:] = torch.arange(width - tail)
             return {"input_ids": ids, "position_ids": pos, "labels": labels, "tokens": ids}
         return {"input_ids": ids, "attention_mask": attn, "labels": labels, "tokens": ids}
 
@@ -195,7 +193,7 @@ def load_quantized(base: Path, device: str):
         raise FmkitError("QLoRA needs bitsandbytes and peft: pip install 'fmkit[qlora]'") from None
     if not any(base.glob("*.safetensors")):
         raise FmkitError(f"{base} has no safetensors weights; QLoRA loads only those (convert the checkpoint first)")
-    compute = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    compute = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
     net = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device},
@@ -210,8 +208,8 @@ def load_quantized(base: Path, device: str):
 
 
 def finetune(model: str | Path, data: str | Path, out: str | Path | None = None, lora: bool = False,
-             qlora: bool = False, lora_r: int = 8, lora_alpha: int = 16, lora_targets_: list[str] | None = None, steps: int = 100,
-             lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_len: int = 0,
+             qlora: bool = False, lora_r: int = 8, lora_alpha: int = 16, lora_targets_: list[str] | None = None,
+             steps: int = 100, lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_len: int = 0,
              on_long: str = "truncate", val_data: str | Path | None = None, seed: int = 0, resume: bool = False,
              workspace: str | Path | None = None, template: str = "chat", **train_kw) -> Path:
     """Fine-tune `model` on `data`; returns the output folder (model or LoRA adapter). `qlora`: LoRA on the base
@@ -236,8 +234,10 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
     examples = validate_jsonl(data)
     lora = lora or qlora
     if qlora:
-        wanted = train_kw.get("device", "auto")
-        net = load_quantized(base, "cuda" if wanted != "cpu" and torch.cuda.is_available() else "cpu").train()
+        from ..train import parallel
+
+        # the device the training loop will use (same rules and errors), so the 4-bit weights are placed there
+        net = load_quantized(base, parallel.init(train_kw.get("device", "auto")).device).train()
     else:
         net = load_model(base).train()
     limit = net.config.max_position_embeddings if hasattr(net.config, "max_position_embeddings") else 2048
@@ -267,7 +267,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     packed = packing_is_exact(net, rows, pad)
     batches = SFTBatches(rows, cfg.batch_size, cfg.grad_accum, seed, pad, packed=packed)
-    val = SFTBatches(val_rows, cfg.batch_size, 1, seed, pad, packed=packed).validation(cfg.eval_batches) if val_rows else []
+    val = (SFTBatches(val_rows, cfg.batch_size, 1, seed, pad, packed=packed).validation(cfg.eval_batches)
+           if val_rows else [])
     base_id = read_manifest(base).get("id", "")
     run_id = ws.start_run("finetune", {"model": str(base), "data": str(data), "lora": lora, "steps": steps},
                           [base_id])
