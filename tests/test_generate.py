@@ -60,3 +60,28 @@ def test_encoder_decoder_generates_through_transformers(tmp_path, tokenizer_dir)
     save_model(build_model(cfg), tmp_path, tokenizer_dir, {"kind": "model"})
     out = Generator(tmp_path)(["hello"], max_new_tokens=5, temperature=0)
     assert len(out) == 1 and out[0].finish_reason in ("stop", "length")
+
+
+def test_packed_and_plain_weight_layouts_give_the_same_tokens(model_dir, monkeypatch):
+    from fmkit.models import decode
+
+    gen = Generator(model_dir)
+    if torch.backends.mkldnn.is_available():  # the fast path is the one these tests exercise where it exists
+        assert gen.fast.head.packed is not None
+    packed = gen(["def ", "import os\nclass Foo:"], max_new_tokens=20, temperature=0)
+    monkeypatch.setattr(decode, "onednn_pack", lambda w: None)
+    plain = Generator(model_dir)
+    assert plain.fast.head.packed is None
+    assert [c.tokens for c in plain(["def ", "import os\nclass Foo:"], max_new_tokens=20, temperature=0)] == \
+        [c.tokens for c in packed]
+
+
+def test_bf16_decoding_tracks_fp32_logits(model_dir):
+    gen32, gen16 = Generator(model_dir), Generator(model_dir, dtype="bf16")
+    ids = gen32.tok("import os\nclass Foo:", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        ref = gen32.model(ids).logits[0, -1]
+    pos = torch.arange(ids.shape[1])[None]
+    got = gen16.fast.forward(ids, pos, gen16.fast.new_cache(1, ids.shape[1]), 0, None)[0]
+    assert got.dtype == torch.float32
+    assert (got - ref).abs().max() < 0.02 * ref.abs().max()
