@@ -42,6 +42,26 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, shards_dir):
     assert la == lb  # metrics.jsonl holds one line per step after the resume, the same values
 
 
+def test_resume_keeps_the_precision_auto_chose_at_the_start(tmp_path, shards_dir, monkeypatch):
+    from fmkit.train import loop
+
+    auto = tiny_overrides(shards_dir, tmp_path / "a", **{"train.precision": "auto"})
+    monkeypatch.setattr(loop, "choose_precision", lambda requested, device: "fp32")
+    straight = pretrain(None, auto)
+
+    def interrupt(record):
+        if record["step"] == 4:
+            raise KeyboardInterrupt
+
+    b = {**auto, "out": str(tmp_path / "b")}
+    with pytest.raises(TrainingInterrupted):
+        pretrain(None, b, on_log=interrupt)
+    monkeypatch.setattr(loop, "choose_precision", lambda requested, device: "bf16")  # the machine now says bf16
+    resumed = pretrain(None, b, resume=True)
+    a, r = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], r[k]) for k in a)
+
+
 def test_checkpoint_killed_mid_write_leaves_previous_loadable(tmp_path, shards_dir):
     out = tmp_path / "m"
     script = textwrap.dedent(f"""

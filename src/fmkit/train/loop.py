@@ -103,6 +103,8 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
         if "cuda" in loaded["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(loaded["rng"]["cuda"])
         start_step, tokens_seen = loaded["state"]["step"], loaded["state"]["tokens_seen"]
+        if cfg.precision == "auto" and loaded["state"].get("precision"):
+            precision = loaded["state"]["precision"]  # what `auto` chose when the run started, so resume is exact
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     n_params = count_parameters(model)
