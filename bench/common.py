@@ -23,11 +23,20 @@ def reference_model(seed: int = 0):
 
 
 def run_isolated(script: str, *args: str, env: dict | None = None) -> dict:
-    """Run one measurement in a fresh process (allocator state and settings never leak between contenders)."""
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    """Run one measurement in a fresh process (allocator state and settings never leak between contenders); its
+    last line of output is the JSON result."""
+    return _last_json([sys.executable, script, *args], f"{script} {' '.join(args)}", env)
+
+
+def run_code(code: str, *args: str, name: str = "the measured program", env: dict | None = None) -> dict:
+    """`run_isolated` for a program given as text, with FMKIT_QUIET=1 (no progress bars in what is parsed)."""
+    return _last_json([sys.executable, "-c", code, *args], name, {"FMKIT_QUIET": "1", **(env or {})})
+
+
+def _last_json(argv: list[str], name: str, env: dict | None) -> dict:
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
-        raise SystemExit(f"{script} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

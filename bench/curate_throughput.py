@@ -22,10 +22,11 @@ import os
 import random
 import re
 import subprocess
-import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+
+from common import run_code
 
 HERE = Path(__file__).parent
 FILTERS = [{"gopher_quality": {"applies_to": "all"}}, {"gopher_repetition": {"applies_to": "all"}}]
@@ -121,11 +122,7 @@ print(json.dumps(dict(seconds=seconds, docs_in=m["documents_in"], kept=m["output
                       dedup_removed=removed, cluster_of=cluster_of, filtered=filtered,
                       dropped={{b["block"]: b["dropped_by"] for b in m["blocks"]}})))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "FMKIT_QUIET": "1"})
-    if proc.returncode:
-        raise SystemExit(f"fmkit run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_code(code, name="fmkit run")
 
 
 def run_datatrove(corpus: Path, work: Path, workers: int, filters: bool = True) -> dict | None:

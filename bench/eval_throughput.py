@@ -16,9 +16,10 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from common import run_code
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -74,11 +75,7 @@ print(json.dumps(dict(items=res["items"], seconds_total=t2 - t0, seconds_eval=t2
                       acc=res["metrics"]["acc"]["value"], acc_norm=res["metrics"]["acc_norm"]["value"],
                       per_item=[dict(id=r["id"], loglikelihoods=r["loglikelihoods"]) for r in rows])))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "FMKIT_QUIET": "1"})
-    if proc.returncode:
-        raise SystemExit(f"fmkit run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_code(code, name="fmkit run")
 
 
 def run_lmeval(model: Path, items: Path, batch_size: int, work: Path) -> dict | None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from common import run_code
 
 HERE = Path(__file__).parent
 
@@ -108,14 +108,6 @@ print(json.dumps({"seconds": seconds, "tokens": round(steps * 8 * mean_len), "lo
 """
 
 
-def run(code: str, *args: str, env: dict | None = None) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env={**os.environ, "FMKIT_QUIET": "1", **(env or {})})
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
@@ -125,8 +117,8 @@ def main() -> None:
         model, data = make_assets(tmp)
         print(f"model {model}; {sum(1 for _ in open(data))} examples; LoRA r=8 on q/k/v/o; batch 8; "
               f"{args.steps} steps; {os.cpu_count()} cores")
-        peer = run(PEER, str(model), str(data), str(tmp / "peer"), str(args.steps))
-        ours = run(FMKIT, str(model), str(data), str(tmp / "fmkit"), str(args.steps))
+        peer = run_code(PEER, str(model), str(data), str(tmp / "peer"), str(args.steps), name="peft + Trainer run")
+        ours = run_code(FMKIT, str(model), str(data), str(tmp / "fmkit"), str(args.steps), name="fmkit run")
         print(f"\n{'':26} {'seconds':>8} {'tokens/s':>9} {'mean loss':>11}")
         for name, r in (("peft + transformers.Trainer", peer), ("fmkit finetune --lora", ours)):
             print(f"{name:26} {r['seconds']:8.1f} {r['tokens'] / r['seconds']:9.0f} {r['loss']:11.3f}")
