@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import string
+from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -22,16 +23,17 @@ def split_words(text: str) -> list[str]:
 
 
 @dataclass
-class Block:
-    """A pipeline step. `applies_to` picks documents by kind: text, code or all."""
+class Block(ABC):
+    """A pipeline step (subclasses define `__call__`). `applies_to` picks documents by kind: text, code or all."""
     applies_to: str = "all"
     name = "block"
 
     def params(self) -> dict:
         return {k: (sorted(v) if isinstance(v, (set, frozenset)) else v) for k, v in vars(self).items()}
 
+    @abstractmethod
     def __call__(self, doc) -> str | None:
-        raise NotImplementedError
+        """The reason to drop `doc`, or None to keep it."""
 
 
 GOPHER_STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
