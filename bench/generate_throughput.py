@@ -45,8 +45,9 @@ def main() -> None:
 
         def hf(dtype="fp32"):
             with torch.inference_mode():
-                return theirs[dtype].generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
-                                      min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+                return theirs[dtype].generate(prompt, attention_mask=torch.ones_like(prompt),
+                                              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                              do_sample=False, pad_token_id=0)
 
         def fm(dtype):
             return ours[dtype].generate_ids(prompt.tolist(), args.new_tokens, temperature=0.0, eos=None)
@@ -65,8 +66,9 @@ def main() -> None:
                 rates[name] = batch * args.new_tokens / best
         base = rates["transformers generate (fp32)"]
         for name, rate in rates.items():
-            same = rates[name.replace("fmkit", "transformers")]
-            extra = f"   ({rate / same:.2f}x transformers in the same dtype)" if "bf16" in name and "fmkit" in name else ""
+            extra = ""
+            if name == "fmkit generate (bf16)":
+                extra = f"   ({rate / rates['transformers generate (bf16)']:.2f}x transformers in the same dtype)"
             print(f"{batch:5d} {name:34s} {rate:10.0f} {rate / base:15.2f}x{extra}")
         for d in dtypes:
             print(f"      greedy tokens identical to transformers, {d}: {agree[d]:.1%}")

@@ -7,7 +7,8 @@ once: q/k/v fused into one matrix and gate/up into another, each product a `Dens
 for oneDNN's kernels (for the 50k-vocab head of the benchmark model at batch 1, measured 0.24 ms in bf16 and 1.2
 ms in fp32 against 1.1 and 1.8 ms for the best plain layout), and the KV cache is one preallocated tensor per
 layer. Attention and its cache stay in fp32 whatever the weights' dtype: CPU attention over a bf16 cache measured
-4-8x slower at batch 8 (255 against 46 us per layer at 150 positions). The math is transformers' Llama (RMSNorm, rotate-half RoPE, SwiGLU, GQA); tests pin equal tokens.
+4-8x slower at batch 8 (255 against 46 us per layer at 150 positions). The math is transformers' Llama (RMSNorm,
+rotate-half RoPE, SwiGLU, GQA); tests pin equal tokens.
 """
 from __future__ import annotations
 
@@ -55,12 +56,8 @@ class LlamaDecoder:
         self.eps, self.dtype = cfg.rms_norm_eps, dtype
         self.max_positions = cfg.max_position_embeddings
         sd = {k: v.detach() for k, v in model.state_dict().items()}
-
-        def t(w):
-            return Dense(w, dtype)
-
         self.embed = sd["model.embed_tokens.weight"].to(dtype)
-        self.head = t(sd.get("lm_head.weight", sd["model.embed_tokens.weight"]))
+        self.head = Dense(sd.get("lm_head.weight", sd["model.embed_tokens.weight"]), dtype)
         self.norm = sd["model.norm.weight"].to(dtype)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -68,9 +65,10 @@ class LlamaDecoder:
             qkv = torch.cat([sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"],
                              sd[p + "self_attn.v_proj.weight"]])
             gate_up = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
-            self.layers.append((sd[p + "input_layernorm.weight"].to(dtype), t(qkv), t(sd[p + "self_attn.o_proj.weight"]),
-                                sd[p + "post_attention_layernorm.weight"].to(dtype), t(gate_up),
-                                t(sd[p + "mlp.down_proj.weight"])))
+            self.layers.append((sd[p + "input_layernorm.weight"].to(dtype), Dense(qkv, dtype),
+                                Dense(sd[p + "self_attn.o_proj.weight"], dtype),
+                                sd[p + "post_attention_layernorm.weight"].to(dtype), Dense(gate_up, dtype),
+                                Dense(sd[p + "mlp.down_proj.weight"], dtype)))
         inv_freq = model.model.rotary_emb.inv_freq.detach().float()
         pos = torch.arange(self.max_positions, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)

@@ -18,6 +18,7 @@ STOPWORDS = set("a about all an and any are as at be been but by can did do does
                 "how i if in into is it its me my no not of on or our s she so t than that the their them then there "
                 "these they this those to us was we were what when where which who whom why will with you your".split())
 
+
 def conditions(filters: dict) -> list[tuple[str, list]]:
     """One (SQL on chunk_meta, parameters) per filter key: {key: value} or {key: [any of these values]}."""
     out = []
