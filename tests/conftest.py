@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("FMKIT_QUIET", "1")
+# the compiled decoding step is built into a fresh cache, so the tests build it themselves rather than reuse one
+os.environ.setdefault("FMKIT_CACHE_DIR", tempfile.mkdtemp(prefix="fmkit-test-cache-"))
 
 
 @pytest.fixture(scope="session")

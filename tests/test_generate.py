@@ -3,8 +3,12 @@ import torch
 
 from fmkit.errors import FmkitError
 from fmkit.generate import Generator, sample_next
+from fmkit.models import native
 from fmkit.models.build import build_model, model_config
+from fmkit.models.decode import LlamaDecoder
 from fmkit.models.io import save_model
+
+needs_compiler = pytest.mark.skipif(native.load() is None, reason=f"compiled step unavailable: {native.why_not()}")
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +20,7 @@ def model_dir(tmp_path_factory, tokenizer_dir):
 
 
 def test_greedy_matches_transformers_generate_with_padding(model_dir):
-    gen = Generator(model_dir)
+    gen = Generator(model_dir, dtype="fp32")
     prompts = ["def ", "import os\nclass Foo:", "x"]
     ours = gen(prompts, max_new_tokens=20, temperature=0)
     for prompt, c in zip(prompts, ours):
@@ -65,19 +69,19 @@ def test_encoder_decoder_generates_through_transformers(tmp_path, tokenizer_dir)
 def test_packed_and_plain_weight_layouts_give_the_same_tokens(model_dir, monkeypatch):
     from fmkit.models import decode
 
-    gen = Generator(model_dir)
+    gen = Generator(model_dir, dtype="fp32")
     if torch.backends.mkldnn.is_available():  # the fast path is the one these tests exercise where it exists
         assert gen.fast.head.packed is not None
     packed = gen(["def ", "import os\nclass Foo:"], max_new_tokens=20, temperature=0)
     monkeypatch.setattr(decode, "onednn_pack", lambda w: None)
-    plain = Generator(model_dir)
+    plain = Generator(model_dir, dtype="fp32")
     assert plain.fast.head.packed is None
     assert [c.tokens for c in plain(["def ", "import os\nclass Foo:"], max_new_tokens=20, temperature=0)] == \
         [c.tokens for c in packed]
 
 
 def test_bf16_decoding_tracks_fp32_logits(model_dir):
-    gen32, gen16 = Generator(model_dir), Generator(model_dir, dtype="bf16")
+    gen32, gen16 = Generator(model_dir, dtype="fp32"), Generator(model_dir, dtype="bf16")
     ids = gen32.tok("import os\nclass Foo:", return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
         ref = gen32.model(ids).logits[0, -1]
@@ -85,3 +89,84 @@ def test_bf16_decoding_tracks_fp32_logits(model_dir):
     got = gen16.fast.forward(ids, pos, gen16.fast.new_cache(1, ids.shape[1]), 0, None)[0]
     assert got.dtype == torch.float32
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def _steps(dec, ids, real, n):
+    """Prefill, then n greedy single-token steps: (logits per step, tokens per step)."""
+    b, width = ids.shape
+    positions = (real.cumsum(-1) - 1).clamp(min=0)
+    key_mask = None if real.all() else torch.cat([real, torch.ones(b, n, dtype=torch.bool)], 1)
+    cache = dec.new_cache(b, width + n)
+    logits, pos, out = dec.forward(ids, positions, cache, 0, key_mask), positions[:, -1], []
+    for i in range(n):
+        nxt = logits.argmax(-1)
+        pos = pos + 1
+        logits = dec.forward(nxt[:, None], pos[:, None], cache, width + i, key_mask)
+        out.append((logits, nxt))
+    return out
+
+
+@needs_compiler
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_step_matches_the_pytorch_step(model_dir, batch):
+    """Batch 1 also runs the output layer in C (fp32); batch 3 has a left-padded row and GQA (2 kv heads)."""
+    model = Generator(model_dir, dtype="fp32").model
+    ours, ref = LlamaDecoder(model, use_native=True), LlamaDecoder(model, use_native=False)
+    assert ours.native is not None and ref.native is None
+    ids = torch.randint(2, 512, (batch, 9), generator=torch.Generator().manual_seed(batch))
+    real = torch.ones(batch, 9, dtype=torch.bool)
+    real[-1, :4] = batch > 1
+    for (a, ta), (b, tb) in zip(_steps(ours, ids, real, 12), _steps(ref, ids, real, 12)):
+        assert torch.equal(ta, tb)
+        assert (a - b).abs().max() < 1e-4
+
+
+@needs_compiler
+def test_compiled_bf16_step_tracks_fp32_logits(model_dir):
+    gen = Generator(model_dir, dtype="fp32")
+    ids = gen.tok("import os\nclass Foo:", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    dec = LlamaDecoder(gen.model, torch.bfloat16, use_native=True)
+    (got, fed), = _steps(dec, ids, torch.ones_like(ids, dtype=torch.bool), 1)
+    full = torch.cat([ids, fed[:, None]], 1)
+    with torch.inference_mode():
+        ref = gen.model(full).logits[0, -1]
+    assert (got[0] - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+@needs_compiler
+def test_compiled_step_refuses_out_of_range_ids(model_dir):
+    dec = LlamaDecoder(Generator(model_dir, dtype="fp32").model, use_native=True)
+    cache = dec.new_cache(1, 8)
+    with pytest.raises(IndexError, match="out of range"):
+        dec.forward(torch.tensor([[512]]), torch.tensor([[0]]), cache, 0, None)
+    with pytest.raises(IndexError, match="out of range"):
+        dec.forward(torch.tensor([[5]]), torch.tensor([[0]]), cache, 8, None)
+
+
+def test_without_a_compiler_decoding_falls_back_to_pytorch(model_dir, monkeypatch, tmp_path):
+    want = Generator(model_dir, dtype="fp32")(["def "], max_new_tokens=10, temperature=0)[0].tokens
+    monkeypatch.setattr(native, "_loaded", [])
+    monkeypatch.setenv("FMKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    gen = Generator(model_dir, dtype="fp32")
+    assert gen.fast.native is None and "no-such-cc" in native.why_not()
+    assert gen(["def "], max_new_tokens=10, temperature=0)[0].tokens == want
+    with pytest.raises(RuntimeError, match="unavailable"):
+        LlamaDecoder(gen.model, use_native=True)
+
+
+@needs_compiler
+def test_kernel_is_built_once_per_machine_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("FMKIT_CACHE_DIR", str(tmp_path))
+    first = native.build()
+    stamp = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
+
+
+def test_auto_dtype_follows_the_cpu(model_dir):
+    from fmkit.train.precision import fast_bf16
+
+    assert Generator(model_dir).dtype == ("bf16" if fast_bf16("cpu") else "fp32")
+    with pytest.raises(FmkitError, match="dtype must be auto"):
+        Generator(model_dir, dtype="fp16")

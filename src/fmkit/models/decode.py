@@ -12,8 +12,16 @@ rotate-half RoPE, SwiGLU, GQA); tests pin equal tokens.
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
+
+from . import native
+
+# Above this many rows the compiled step's matrix-vector loops stop beating oneDNN's matrix products (measured
+# at 32 rows: even in fp32, 10% slower in bf16).
+NATIVE_MAX_BATCH = 16
 
 
 def onednn_pack(w: torch.Tensor):
@@ -35,29 +43,50 @@ def _packed_linear(x, packed):
 
 class Dense:
     """y = x @ W.T for a fixed W (out, in): packed once for oneDNN where possible, else kept transposed and
-    contiguous so the product is `x @ W.T` (~3x faster than nn.Linear's layout at batch 1)."""
+    contiguous so the product is `x @ W.T` (~3x faster than nn.Linear's layout at batch 1). With pack=False the
+    weight stays (out, in) row-major in `self.w`, the layout the compiled step reads."""
 
-    def __init__(self, w: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype, pack: bool = True):
         w = w.detach().to(dtype).contiguous()
-        self.packed = onednn_pack(w)
-        self.wt = None if self.packed is not None else w.t().contiguous()
+        self.w = None if pack else w
+        self.packed = onednn_pack(w) if pack else None
+        self.wt = w.t().contiguous() if pack and self.packed is None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w is not None:
+            return F.linear(x, self.w)
         return _packed_linear(x, self.packed) if self.packed is not None else x @ self.wt
 
 
-class LlamaDecoder:
-    """A read-only, inference-only copy of a LlamaForCausalLM's weights with a KV cache."""
+class KVCache(list):
+    """One (2, batch, n_kv, length, head_dim) fp32 tensor per layer; `bound` holds the compiled step's view of it."""
+    bound = None
 
-    def __init__(self, model, dtype: torch.dtype = torch.float32):
+
+class LlamaDecoder:
+    """A read-only, inference-only copy of a LlamaForCausalLM's weights with a KV cache.
+
+    Single-token steps of up to NATIVE_MAX_BATCH rows run the layers in the compiled step (native.py) when it
+    builds on this machine (`use_native=None`, the default) or when asked (`True`: an error if it cannot);
+    `False` keeps everything in PyTorch. Prompts (several tokens per row) and the output layer always run in
+    PyTorch."""
+
+    def __init__(self, model, dtype: torch.dtype = torch.float32, use_native: bool | None = None):
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps, self.dtype = cfg.rms_norm_eps, dtype
         self.max_positions = cfg.max_position_embeddings
+        self.native = native.load() if use_native is not False else None
+        if use_native and self.native is None:
+            raise RuntimeError(f"the compiled decoding step is unavailable: {native.why_not()}")
+        pack = self.native is None  # the compiled step reads plain (out, in) weights; prompts use F.linear on them
         sd = {k: v.detach() for k, v in model.state_dict().items()}
         self.embed = sd["model.embed_tokens.weight"].to(dtype)
-        self.head = Dense(sd.get("lm_head.weight", sd["model.embed_tokens.weight"]), dtype)
+        head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+        self.head = Dense(head, dtype)
+        # the compiled step's output layer (one fp32 row) reads the plain (vocab, hidden) weight; tied: the embedding
+        self.head_w = self.embed if head is sd["model.embed_tokens.weight"] else head.to(dtype).contiguous()
         self.norm = sd["model.norm.weight"].to(dtype)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -65,10 +94,10 @@ class LlamaDecoder:
             qkv = torch.cat([sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"],
                              sd[p + "self_attn.v_proj.weight"]])
             gate_up = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
-            self.layers.append((sd[p + "input_layernorm.weight"].to(dtype), Dense(qkv, dtype),
-                                Dense(sd[p + "self_attn.o_proj.weight"], dtype),
-                                sd[p + "post_attention_layernorm.weight"].to(dtype), Dense(gate_up, dtype),
-                                Dense(sd[p + "mlp.down_proj.weight"], dtype)))
+            self.layers.append((sd[p + "input_layernorm.weight"].to(dtype), Dense(qkv, dtype, pack),
+                                Dense(sd[p + "self_attn.o_proj.weight"], dtype, pack),
+                                sd[p + "post_attention_layernorm.weight"].to(dtype), Dense(gate_up, dtype, pack),
+                                Dense(sd[p + "mlp.down_proj.weight"], dtype, pack)))
         inv_freq = model.model.rotary_emb.inv_freq.detach().float()
         pos = torch.arange(self.max_positions, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
@@ -84,9 +113,28 @@ class LlamaDecoder:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def new_cache(self, batch: int, length: int) -> list[torch.Tensor]:
+    def new_cache(self, batch: int, length: int) -> KVCache:
         shape = (2, batch, self.n_kv, length, self.head_dim)
-        return [torch.zeros(shape) for _ in self.layers]
+        return KVCache(torch.zeros(shape) for _ in self.layers)
+
+    def _bind(self, cache: KVCache) -> "_Bound":
+        """The compiled step's view of the weights and this cache: pointers, sizes and scratch, made once per cache."""
+        return _Bound(self, cache)
+
+    def _native_step(self, ids, positions, cache: KVCache, start: int, key_mask) -> torch.Tensor:
+        bound = cache.bound = cache.bound or self._bind(cache)
+        ids, pos = ids.reshape(-1).contiguous(), positions.reshape(-1).to(torch.int64).contiguous()
+        id_list, pos_list = ids.tolist(), pos.tolist()  # the C step indexes its tables unchecked: bound them here
+        if not (0 <= min(id_list) <= max(id_list) < len(self.embed) and 0 <= min(pos_list) <= max(pos_list) <
+                self.max_positions and 0 <= start < bound.length):
+            raise IndexError(f"token id, position or cache slot out of range (ids {id_list}, positions {pos_list}, "
+                             f"slot {start} of {bound.length})")
+        mask = None if key_mask is None else key_mask.contiguous()
+        logits = torch.empty(1, len(self.head_w)) if len(ids) == 1 and self.dtype == torch.float32 else None
+        self.native.fm_step(ctypes.byref(bound.model), ids.data_ptr(), pos.data_ptr(), start,
+                            None if mask is None else mask.data_ptr(), 0 if mask is None else mask.shape[1],
+                            bound.out.data_ptr(), None if logits is None else logits.data_ptr())
+        return logits if logits is not None else self.head(bound.out.to(self.dtype)).float()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor], start: int,
@@ -97,6 +145,8 @@ class LlamaDecoder:
         marks real tokens, None when no row is padded.
         """
         b, n = ids.shape
+        if n == 1 and self.native is not None and b <= NATIVE_MAX_BATCH and isinstance(cache, KVCache):
+            return self._native_step(ids, positions, cache, start, key_mask)
         end = start + n
         x = self.embed[ids]
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, T, 1, D)
@@ -118,3 +168,34 @@ class LlamaDecoder:
             half = gu.shape[-1] // 2
             x = x + wd(F.silu(gu[..., :half]) * gu[..., half:])
         return self.head(self._rms(x[:, -1], self.norm)).float()
+
+
+class _Bound:
+    """Pointers to a decoder's weights and one cache, in the C `Model` layout, with the tensors they point into."""
+
+    def __init__(self, dec: LlamaDecoder, cache: KVCache):
+        _, b, _, self.length, _ = cache[0].shape
+        self.keep = [dec.embed, dec.cos.contiguous(), dec.sin.contiguous(), dec.norm.float().contiguous()]
+        ln1 = [layer[0].float().contiguous() for layer in dec.layers]
+        ln2 = [layer[3].float().contiguous() for layer in dec.layers]
+        self.keep += ln1 + ln2
+
+        def ptrs(tensors):
+            arr = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+            self.keep.append(arr)
+            return arr
+
+        inter = dec.layers[0][4].w.shape[0] // 2
+        m = native.Model(batch=b, hidden=dec.embed.shape[1], n_heads=dec.n_heads, n_kv=dec.n_kv,
+                         head_dim=dec.head_dim, inter=inter, n_layers=len(dec.layers), cache_len=self.length,
+                         threads=torch.get_num_threads(), bf16=int(dec.dtype == torch.bfloat16), eps=dec.eps,
+                         embed=dec.embed.data_ptr(), cos=self.keep[1].data_ptr(), sin=self.keep[2].data_ptr(),
+                         norm=self.keep[3].data_ptr(), head=dec.head_w.data_ptr(), vocab=len(dec.head_w))
+        m.ln1, m.ln2 = ptrs(ln1), ptrs(ln2)
+        for i, name in enumerate(["wqkv", "wo", "wgu", "wd"]):
+            setattr(m, name, ptrs([layer[(1, 2, 4, 5)[i]].w for layer in dec.layers]))
+        m.cache = ptrs(list(cache))
+        self.work = torch.empty(dec.native.fm_work_floats(ctypes.byref(m)))
+        m.work = self.work.data_ptr()
+        self.model, self.cache = m, cache
+        self.out = torch.empty(b, m.hidden)
