@@ -328,16 +328,17 @@ def generate(model: Path = typer.Argument(..., help="Model folder (fmkit's or an
              top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1.0: off)."),
              stop: List[str] = typer.Option([], "--stop", help="Stop when this string appears; repeatable."),
              seed: int = typer.Option(0, help="Sampling seed."),
-             dtype: str = typer.Option("fp32", help="fp32 or bf16 (bf16 is faster only on CPUs with native bf16)."),
+             dtype: str = typer.Option("auto", help="auto, fp32 or bf16. auto: bf16 on CPUs that multiply bf16 "
+                                       "natively (about twice as fast), else fp32 (exact)."),
              trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickle weights (can run code).")):
     """Generate text from a model with a KV cache."""
-    from .generate import generate as run
+    from .generate import Generator
 
     stop = [s.encode().decode("unicode_escape") for s in stop]  # let users type --stop '\n\n'
-    for p, c in zip(prompt, run(model, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, dtype,
-                                trust_pickle)):
+    gen = Generator(model, dtype, trust_pickle)
+    for p, c in zip(prompt, gen(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed)):
         typer.echo(p + c.text)
-        typer.echo(f"--- [{len(c.tokens)} tokens, {c.finish_reason}]", err=True)
+        typer.echo(f"--- [{len(c.tokens)} tokens, {c.finish_reason}, {gen.dtype}]", err=True)
 
 
 @app.command()

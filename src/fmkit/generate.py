@@ -15,6 +15,16 @@ from .tokenize.tokenizer import load_tokenizer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def resolve_dtype(dtype: str) -> str:
+    """`auto`: bf16 where this CPU multiplies bf16 natively (it halves the bytes a step reads), else fp32."""
+    if dtype == "auto":
+        from .train.precision import fast_bf16
+        return "bf16" if fast_bf16("cpu") else "fp32"
+    if dtype not in DTYPES:
+        raise FmkitError(f"dtype must be auto, {' or '.join(DTYPES)}, got '{dtype}'")
+    return dtype
+
+
 @dataclass
 class Completion:
     text: str
@@ -43,23 +53,22 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 class Generator:
     """A loaded model + tokenizer that completes prompts; Llama-style decoders use the fast KV-cache path."""
 
-    def __init__(self, model_dir: str | Path, dtype: str = "fp32", trust_pickle: bool = False):
+    def __init__(self, model_dir: str | Path, dtype: str = "auto", trust_pickle: bool = False):
         self._setup(load_model(model_dir, trust_pickle=trust_pickle), load_tokenizer(model_dir), dtype)
 
     @classmethod
-    def from_model(cls, model, tokenizer=None, dtype: str = "fp32") -> "Generator":
+    def from_model(cls, model, tokenizer=None, dtype: str = "auto") -> "Generator":
         """Wrap an in-memory transformers model (token-level `generate_ids` works without a tokenizer)."""
         self = cls.__new__(cls)
         self._setup(model.eval(), tokenizer, dtype)
         return self
 
     def _setup(self, model, tokenizer, dtype: str) -> None:
-        if dtype not in DTYPES:
-            raise FmkitError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        self.dtype = resolve_dtype(dtype) if model.config.model_type == "llama" else "fp32"  # others: as loaded
         if arch_of(model.config) == "encoder":
             raise FmkitError("this model is an encoder (masked LM); it fills masks but does not generate text")
         self.model, self.tok = model, tokenizer
-        self.fast = LlamaDecoder(model, DTYPES[dtype]) if model.config.model_type == "llama" else None
+        self.fast = LlamaDecoder(model, DTYPES[self.dtype]) if model.config.model_type == "llama" else None
 
     def __call__(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
                  top_p: float = 1.0, stop: list[str] | tuple = (), seed: int = 0) -> list[Completion]:
@@ -144,7 +153,7 @@ class Generator:
 
 
 def generate(model: str | Path, prompts: list[str] | str, max_new_tokens: int = 64, temperature: float = 0.8,
-             top_k: int = 0, top_p: float = 1.0, stop: list[str] | tuple = (), seed: int = 0, dtype: str = "fp32",
+             top_k: int = 0, top_p: float = 1.0, stop: list[str] | tuple = (), seed: int = 0, dtype: str = "auto",
              trust_pickle: bool = False) -> list[Completion]:
     """Complete each prompt with the model in folder `model`."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)

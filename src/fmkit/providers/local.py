@@ -205,7 +205,8 @@ class LocalModel(Model):
         from ..generate import Generator
 
         if self._gen is None:
-            self._gen = Generator.from_model(self.model, self.tok)
+            self._gen = Generator.from_model(self.model, self.tok, dtype="bf16" if self.model.dtype == torch.bfloat16
+                                             else "fp32")
         out: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
