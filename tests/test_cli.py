@@ -1,4 +1,5 @@
 """Every verb has --help, and user mistakes end in one line on stderr with exit code 2, never a traceback."""
+import re
 import subprocess
 import sys
 
@@ -62,6 +63,9 @@ def test_pipeline_through_the_cli_records_lineage(tmp_path):
     assert trained.returncode == 0, trained.stderr
     gen = fmkit("generate", str(tmp_path / "models" / "cli"), "-p", "def ", "--max-new-tokens", "5")
     assert gen.returncode == 0 and gen.stdout.startswith("def ")
+    assert re.search(r"--- \[\d+ tokens, (stop|length), (fp32|bf16)\]", gen.stderr)  # with the dtype auto chose
+    bad = fmkit("generate", str(tmp_path / "models" / "cli"), "--dtype", "fp16")
+    _one_line_error(bad, "dtype must be auto, fp32 or bf16")
     listing = fmkit("registry", *ws)
     assert listing.returncode == 0
     for kind in ("tokenizer-", "shards-", "model-", "run-pretrain-"):

@@ -3,12 +3,15 @@ dominates.
 
 transformers' `generate` spends most of a small model's per-token time in Python (cache objects, logits
 processors, per-layer module calls) and in matrix products shaped for training. Here the weights are re-laid out
-once: q/k/v fused into one matrix and gate/up into another, each product a `Dense` whose weight is pre-packed
-for oneDNN's kernels (for the 50k-vocab head of the benchmark model at batch 1, measured 0.24 ms in bf16 and 1.2
-ms in fp32 against 1.1 and 1.8 ms for the best plain layout), and the KV cache is one preallocated tensor per
-layer. Attention and its cache stay in fp32 whatever the weights' dtype: CPU attention over a bf16 cache measured
-4-8x slower at batch 8 (255 against 46 us per layer at 150 positions). The math is transformers' Llama (RMSNorm,
-rotate-half RoPE, SwiGLU, GQA); tests pin equal tokens.
+once (q/k/v fused into one matrix, gate/up into another) and the KV cache is one preallocated fp32 tensor per
+layer. A prompt runs through PyTorch. Each following step (one token per row) runs all layers in one call to a
+small compiled C function (native.py, kernels/decode_step.c): through PyTorch a layer is ~15 operations at 10-20
+us of dispatch each, which at batch 1 outweighed reading its weights (4 layers: ~1.1 ms against ~0.25 ms in C).
+The output layer is a `Dense` pre-packed for oneDNN (for the 50k-vocab head of the benchmark model at batch 1,
+0.24 ms in bf16 and 1.2 ms in fp32 against 1.1 and 1.8 ms for the best plain layout), except one fp32 row, which
+the C step streams ~25% faster. Attention and its cache stay in fp32 whatever the weights' dtype: CPU attention
+over a bf16 cache measured 4-8x slower at batch 8 (255 against 46 us per layer at 150 positions). The math is
+transformers' Llama (RMSNorm, rotate-half RoPE, SwiGLU, GQA); tests pin equal tokens and logits.
 """
 from __future__ import annotations
 
@@ -66,10 +69,9 @@ class KVCache(list):
 class LlamaDecoder:
     """A read-only, inference-only copy of a LlamaForCausalLM's weights with a KV cache.
 
-    Single-token steps of up to NATIVE_MAX_BATCH rows run the layers in the compiled step (native.py) when it
-    builds on this machine (`use_native=None`, the default) or when asked (`True`: an error if it cannot);
-    `False` keeps everything in PyTorch. Prompts (several tokens per row) and the output layer always run in
-    PyTorch."""
+    Single-token steps of up to NATIVE_MAX_BATCH rows run in the compiled step (native.py) when it builds on this
+    machine (`use_native=None`, the default) or when asked (`True`: an error if it cannot); `False` keeps every
+    step in PyTorch. Prompts (several tokens per row) always run in PyTorch."""
 
     def __init__(self, model, dtype: torch.dtype = torch.float32, use_native: bool | None = None):
         cfg = model.config
@@ -85,8 +87,8 @@ class LlamaDecoder:
         self.embed = sd["model.embed_tokens.weight"].to(dtype)
         head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
         self.head = Dense(head, dtype)
-        # the compiled step's output layer (one fp32 row) reads the plain (vocab, hidden) weight; tied: the embedding
-        self.head_w = self.embed if head is sd["model.embed_tokens.weight"] else head.to(dtype).contiguous()
+        # one fp32 row's output layer runs in the compiled step, on the plain (vocab, hidden) weight (no copy)
+        self.head_w = head.float().contiguous() if self.native is not None and dtype == torch.float32 else None
         self.norm = sd["model.norm.weight"].to(dtype)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -117,20 +119,16 @@ class LlamaDecoder:
         shape = (2, batch, self.n_kv, length, self.head_dim)
         return KVCache(torch.zeros(shape) for _ in self.layers)
 
-    def _bind(self, cache: KVCache) -> "_Bound":
-        """The compiled step's view of the weights and this cache: pointers, sizes and scratch, made once per cache."""
-        return _Bound(self, cache)
-
     def _native_step(self, ids, positions, cache: KVCache, start: int, key_mask) -> torch.Tensor:
-        bound = cache.bound = cache.bound or self._bind(cache)
+        bound = cache.bound = cache.bound or _Bound(self, cache)
         ids, pos = ids.reshape(-1).contiguous(), positions.reshape(-1).to(torch.int64).contiguous()
         id_list, pos_list = ids.tolist(), pos.tolist()  # the C step indexes its tables unchecked: bound them here
         if not (0 <= min(id_list) <= max(id_list) < len(self.embed) and 0 <= min(pos_list) <= max(pos_list) <
                 self.max_positions and 0 <= start < bound.length):
             raise IndexError(f"token id, position or cache slot out of range (ids {id_list}, positions {pos_list}, "
                              f"slot {start} of {bound.length})")
-        mask = None if key_mask is None else key_mask.contiguous()
-        logits = torch.empty(1, len(self.head_w)) if len(ids) == 1 and self.dtype == torch.float32 else None
+        mask = None if key_mask is None else key_mask.to(torch.bool).contiguous()  # read as bytes
+        logits = torch.empty(1, len(self.head_w)) if len(ids) == 1 and self.head_w is not None else None
         self.native.fm_step(ctypes.byref(bound.model), ids.data_ptr(), pos.data_ptr(), start,
                             None if mask is None else mask.data_ptr(), 0 if mask is None else mask.shape[1],
                             bound.out.data_ptr(), None if logits is None else logits.data_ptr())
@@ -171,7 +169,8 @@ class LlamaDecoder:
 
 
 class _Bound:
-    """Pointers to a decoder's weights and one cache, in the C `Model` layout, with the tensors they point into."""
+    """The compiled step's view of a decoder's weights and one cache (the C `Model`): pointers, sizes, scratch, and
+    the tensors made for it. Built on a cache's first step and kept on the cache."""
 
     def __init__(self, dec: LlamaDecoder, cache: KVCache):
         _, b, _, self.length, _ = cache[0].shape
@@ -190,12 +189,14 @@ class _Bound:
                          head_dim=dec.head_dim, inter=inter, n_layers=len(dec.layers), cache_len=self.length,
                          threads=torch.get_num_threads(), bf16=int(dec.dtype == torch.bfloat16), eps=dec.eps,
                          embed=dec.embed.data_ptr(), cos=self.keep[1].data_ptr(), sin=self.keep[2].data_ptr(),
-                         norm=self.keep[3].data_ptr(), head=dec.head_w.data_ptr(), vocab=len(dec.head_w))
+                         norm=self.keep[3].data_ptr())
+        if dec.head_w is not None:
+            m.head, m.vocab = dec.head_w.data_ptr(), len(dec.head_w)
         m.ln1, m.ln2 = ptrs(ln1), ptrs(ln2)
         for i, name in enumerate(["wqkv", "wo", "wgu", "wd"]):
             setattr(m, name, ptrs([layer[(1, 2, 4, 5)[i]].w for layer in dec.layers]))
         m.cache = ptrs(list(cache))
         self.work = torch.empty(dec.native.fm_work_floats(ctypes.byref(m)))
         m.work = self.work.data_ptr()
-        self.model, self.cache = m, cache
+        self.model = m
         self.out = torch.empty(b, m.hidden)
