@@ -134,13 +134,40 @@ def test_compiled_bf16_step_tracks_fp32_logits(model_dir):
 
 
 @needs_compiler
-def test_compiled_step_refuses_out_of_range_ids(model_dir):
+def test_compiled_step_refuses_what_pytorch_would_refuse(model_dir):
+    """The C step trusts its pointers, so ids, positions, slots and shapes are checked before it runs."""
     dec = LlamaDecoder(Generator(model_dir, dtype="fp32").model, use_native=True)
-    cache = dec.new_cache(1, 8)
+    cache = dec.new_cache(2, 8)
+    two = torch.tensor([[5], [6]])
     with pytest.raises(IndexError, match="out of range"):
-        dec.forward(torch.tensor([[512]]), torch.tensor([[0]]), cache, 0, None)
+        dec.forward(torch.tensor([[512], [5]]), two, cache, 0, None)
     with pytest.raises(IndexError, match="out of range"):
-        dec.forward(torch.tensor([[5]]), torch.tensor([[0]]), cache, 8, None)
+        dec.forward(two, two, cache, 8, None)
+    with pytest.raises(ValueError, match="do not fit a cache of 2 rows"):
+        dec.forward(torch.tensor([[5]]), torch.tensor([[0]]), cache, 0, None)
+    with pytest.raises(ValueError, match="do not fit"):
+        dec.forward(two, two, cache, 3, torch.ones(2, 3, dtype=torch.bool))  # mask too short for slot 3
+    # int32 ids are widened, not misread
+    want = dec.forward(two, two, dec.new_cache(2, 8), 0, None)
+    assert torch.equal(dec.forward(two.int(), two.int(), dec.new_cache(2, 8), 0, None), want)
+
+
+@needs_compiler
+def test_compiled_step_handles_a_fully_masked_row_like_sdpa(model_dir):
+    model = Generator(model_dir, dtype="fp32").model
+    ours, ref = LlamaDecoder(model, use_native=True), LlamaDecoder(model, use_native=False)
+    ids, pos = torch.tensor([[5], [6]]), torch.tensor([[0], [0]])
+    mask = torch.tensor([[True], [False]])
+    a = ours.forward(ids, pos, ours.new_cache(2, 1), 0, mask)
+    b = ref.forward(ids, pos, ref.new_cache(2, 1), 0, mask)
+    assert not a.isnan().any() and (a - b).abs().max() < 1e-4
+
+
+def test_compiled_step_is_used_only_for_what_it_supports(model_dir):
+    model = Generator(model_dir, dtype="fp32").model
+    assert LlamaDecoder(model, torch.float16).native is None
+    with pytest.raises(RuntimeError, match="not supported"):
+        LlamaDecoder(model, torch.float16, use_native=True)
 
 
 def test_without_a_compiler_decoding_falls_back_to_pytorch(model_dir, monkeypatch, tmp_path):
@@ -155,13 +182,25 @@ def test_without_a_compiler_decoding_falls_back_to_pytorch(model_dir, monkeypatc
         LlamaDecoder(gen.model, use_native=True)
 
 
+def test_a_failed_compile_is_tried_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("FMKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.raises(OSError, match="failed"):
+        native.build()
+    (marker,) = (tmp_path / "kernels").glob("*.failed")
+    assert "with false failed" in marker.read_text()
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
+    with pytest.raises(OSError, match="delete .* to try again"):
+        native.build()
+
+
 @needs_compiler
 def test_kernel_is_built_once_per_machine_and_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("FMKIT_CACHE_DIR", str(tmp_path))
     first = native.build()
     stamp = first.stat().st_mtime_ns
     assert native.build() == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary or failure marker left
 
 
 def test_auto_dtype_follows_the_cpu(model_dir):

@@ -64,7 +64,9 @@ class Generator:
         return self
 
     def _setup(self, model, tokenizer, dtype: str) -> None:
-        self.dtype = resolve_dtype(dtype) if model.config.model_type == "llama" else "fp32"  # others: as loaded
+        self.dtype = resolve_dtype(dtype)
+        if model.config.model_type != "llama":
+            self.dtype = "fp32"  # transformers' generate on the model as loaded
         if arch_of(model.config) == "encoder":
             raise FmkitError("this model is an encoder (masked LM); it fills masks but does not generate text")
         self.model, self.tok = model, tokenizer

@@ -79,10 +79,15 @@ class LlamaDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps, self.dtype = cfg.rms_norm_eps, dtype
         self.max_positions = cfg.max_position_embeddings
-        self.native = native.load() if use_native is not False else None
+        # the C step knows fp32/bf16 weights and whole GQA groups with even head_dim (what transformers accepts)
+        fits = dtype in (torch.float32, torch.bfloat16) and self.n_heads % self.n_kv == 0 and self.head_dim % 2 == 0
+        self.native = native.load() if use_native is not False and fits else None
         if use_native and self.native is None:
-            raise RuntimeError(f"the compiled decoding step is unavailable: {native.why_not()}")
-        pack = self.native is None  # the compiled step reads plain (out, in) weights; prompts use F.linear on them
+            why = native.why_not() if fits else f"dtype {dtype} or this head layout is not supported"
+            raise RuntimeError(f"the compiled decoding step is unavailable: {why}")
+        # The compiled step reads plain (out, in) weights, and the layers keep that one copy: prompts and steps of
+        # more rows then use F.linear on it, measured 0-15% slower than oneDNN-packed copies would be.
+        pack = self.native is None
         sd = {k: v.detach() for k, v in model.state_dict().items()}
         self.embed = sd["model.embed_tokens.weight"].to(dtype)
         head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
@@ -117,18 +122,26 @@ class LlamaDecoder:
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         shape = (2, batch, self.n_kv, length, self.head_dim)
-        return KVCache(torch.zeros(shape) for _ in self.layers)
+        return KVCache(torch.zeros(shape, dtype=torch.float32) for _ in self.layers)
 
     def _native_step(self, ids, positions, cache: KVCache, start: int, key_mask) -> torch.Tensor:
-        bound = cache.bound = cache.bound or _Bound(self, cache)
-        ids, pos = ids.reshape(-1).contiguous(), positions.reshape(-1).to(torch.int64).contiguous()
-        id_list, pos_list = ids.tolist(), pos.tolist()  # the C step indexes its tables unchecked: bound them here
+        if cache.bound is None or cache.bound.decoder is not self:
+            cache.bound = _Bound(self, cache)
+        bound, b = cache.bound, len(ids)
+        ids, pos = ids.reshape(-1).to(torch.int64).contiguous(), positions.reshape(-1).to(torch.int64).contiguous()
+        mask = None if key_mask is None else key_mask.to(torch.bool).contiguous()  # read as bytes
+        # the C step trusts its inputs: check here what PyTorch's indexing would have refused
+        id_list, pos_list = ids.tolist(), pos.tolist()
+        if len(id_list) != bound.batch or len(pos_list) != b or (mask is not None and (
+                mask.dim() != 2 or len(mask) != b or mask.shape[1] <= start)):
+            raise ValueError(f"{b} token rows, {len(pos_list)} positions and key mask "
+                             f"{None if mask is None else tuple(mask.shape)} do not fit a cache of "
+                             f"{bound.batch} rows at slot {start}")
         if not (0 <= min(id_list) <= max(id_list) < len(self.embed) and 0 <= min(pos_list) <= max(pos_list) <
                 self.max_positions and 0 <= start < bound.length):
             raise IndexError(f"token id, position or cache slot out of range (ids {id_list}, positions {pos_list}, "
                              f"slot {start} of {bound.length})")
-        mask = None if key_mask is None else key_mask.to(torch.bool).contiguous()  # read as bytes
-        logits = torch.empty(1, len(self.head_w)) if len(ids) == 1 and self.head_w is not None else None
+        logits = torch.empty(1, len(self.head_w), dtype=torch.float32) if b == 1 and self.head_w is not None else None
         self.native.fm_step(ctypes.byref(bound.model), ids.data_ptr(), pos.data_ptr(), start,
                             None if mask is None else mask.data_ptr(), 0 if mask is None else mask.shape[1],
                             bound.out.data_ptr(), None if logits is None else logits.data_ptr())
@@ -173,11 +186,16 @@ class _Bound:
     the tensors made for it. Built on a cache's first step and kept on the cache."""
 
     def __init__(self, dec: LlamaDecoder, cache: KVCache):
-        _, b, _, self.length, _ = cache[0].shape
-        self.keep = [dec.embed, dec.cos.contiguous(), dec.sin.contiguous(), dec.norm.float().contiguous()]
+        _, self.batch, _, self.length, _ = cache[0].shape
+        for kv in cache:
+            if kv.dtype != torch.float32 or not kv.is_contiguous() or kv.shape != cache[0].shape:
+                raise ValueError("the KV cache must be the fp32 contiguous tensors new_cache() makes")
+        self.decoder = dec
+        f32 = dict(dtype=torch.float32)
+        self.keep = [dec.cos.contiguous(), dec.sin.contiguous(), dec.norm.float().contiguous()]
         ln1 = [layer[0].float().contiguous() for layer in dec.layers]
         ln2 = [layer[3].float().contiguous() for layer in dec.layers]
-        self.keep += ln1 + ln2
+        self.keep += ln1 + ln2 + list(cache)  # with the decoder's own tensors: all the C step points into
 
         def ptrs(tensors):
             arr = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
@@ -185,18 +203,18 @@ class _Bound:
             return arr
 
         inter = dec.layers[0][4].w.shape[0] // 2
-        m = native.Model(batch=b, hidden=dec.embed.shape[1], n_heads=dec.n_heads, n_kv=dec.n_kv,
+        m = native.Model(batch=self.batch, hidden=dec.embed.shape[1], n_heads=dec.n_heads, n_kv=dec.n_kv,
                          head_dim=dec.head_dim, inter=inter, n_layers=len(dec.layers), cache_len=self.length,
                          threads=torch.get_num_threads(), bf16=int(dec.dtype == torch.bfloat16), eps=dec.eps,
-                         embed=dec.embed.data_ptr(), cos=self.keep[1].data_ptr(), sin=self.keep[2].data_ptr(),
-                         norm=self.keep[3].data_ptr())
+                         embed=dec.embed.data_ptr(), cos=self.keep[0].data_ptr(), sin=self.keep[1].data_ptr(),
+                         norm=self.keep[2].data_ptr())
         if dec.head_w is not None:
             m.head, m.vocab = dec.head_w.data_ptr(), len(dec.head_w)
         m.ln1, m.ln2 = ptrs(ln1), ptrs(ln2)
         for i, name in enumerate(["wqkv", "wo", "wgu", "wd"]):
             setattr(m, name, ptrs([layer[(1, 2, 4, 5)[i]].w for layer in dec.layers]))
         m.cache = ptrs(list(cache))
-        self.work = torch.empty(dec.native.fm_work_floats(ctypes.byref(m)))
+        self.work = torch.empty(dec.native.fm_work_floats(ctypes.byref(m)), **f32)
         m.work = self.work.data_ptr()
         self.model = m
-        self.out = torch.empty(b, m.hidden)
+        self.out = torch.empty(self.batch, m.hidden, **f32)

@@ -1,6 +1,8 @@
 """The compiled decoding step (kernels/decode_step.c): built once per machine with the system C compiler, cached,
 loaded with ctypes. Where it cannot be built (no compiler, not Linux/macOS, FMKIT_NATIVE=0) `load()` returns None
-and says why in `why_not()`; decoding then stays in PyTorch, which gives the same tokens, slower.
+and says why in `why_not()`; decoding then stays in PyTorch, which gives the same tokens, slower. A failed compile
+is remembered in the cache (a `.failed` file beside where the library would be), so it costs one try, not one per
+process.
 
 The library links the OpenMP runtime that PyTorch has already loaded (same soname), so its threads are PyTorch's
 intra-op threads rather than a second pool competing for the same cores.
@@ -39,14 +41,15 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _cpu_flags() -> str:
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature lines (x86 `flags`, Arm `Features`/`CPU part`)."""
+    keep = ("flags", "features", "model name", "cpu implementer", "cpu part", "cpu architecture")
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        lines = []
+    seen = sorted({ln.strip() for ln in lines if ln.lower().startswith(keep)})
+    return "\n".join([platform.machine(), platform.processor(), *seen])
 
 
 def _compiler() -> str | None:
@@ -62,17 +65,23 @@ def build() -> Path:
     if cc is None:
         raise OSError("no C compiler found (set CC, or install gcc/clang)")
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"decode_step-{key}.so"
+    failed = out.with_suffix(".failed")  # a compiler that failed once (e.g. no OpenMP) is not retried every run
     if out.exists():
         return out
+    if failed.exists():
+        raise OSError(f"{failed.read_text(errors='replace').strip()} (delete {failed} to try again)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        run = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+        run = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                             errors="replace", timeout=120)
         if run.returncode:
-            raise OSError(f"compiling {SOURCE.name} failed: {run.stderr.strip()[-500:]}")
+            why = f"compiling {SOURCE.name} with {cc} failed: {run.stderr.strip()[-500:]}"
+            failed.write_text(why)
+            raise OSError(why)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -102,7 +111,7 @@ def load() -> ctypes.CDLL | None:
             lib.fm_step.restype = None
             lib.fm_work_floats.argtypes = [ctypes.POINTER(Model)]
             lib.fm_work_floats.restype = ctypes.c_int64
-        except (OSError, subprocess.SubprocessError, AttributeError) as e:
+        except (OSError, ValueError, subprocess.SubprocessError, AttributeError) as e:
             lib, _why = None, str(e)
     _loaded.append(lib)
     return lib

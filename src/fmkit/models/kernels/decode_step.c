@@ -168,7 +168,7 @@ void fm_step(const Model *m, const int64_t *ids, const int64_t *pos, int64_t slo
                     float total = 0, *o = attn + b * nq + hh * D;
                     for (int64_t t = 0; t < end; t++) total += sc[t] = sc[t] == -INFINITY ? 0 : expf(sc[t] - top);
                     for (int64_t d = 0; d < D; d++) o[d] = 0;
-                    for (int64_t t = 0; t < end; t++) {
+                    for (int64_t t = 0; t < end && total > 0; t++) {  /* all masked: zeros, as SDPA */
                         float p = sc[t] / total;
                         if (p == 0) continue;
                         #pragma omp simd
