@@ -336,6 +336,9 @@ def generate(model: Path = typer.Argument(..., help="Model folder (fmkit's or an
 
     stop = [s.encode().decode("unicode_escape") for s in stop]  # let users type --stop '\n\n'
     gen = Generator(model, dtype, trust_pickle)
+    if gen.fast is not None and gen.fast.native is None:
+        from .models.native import why_not
+        typer.echo(f"note: decoding steps run in PyTorch, slower: {why_not() or 'unsupported model layout'}", err=True)
     for p, c in zip(prompt, gen(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed)):
         typer.echo(p + c.text)
         typer.echo(f"--- [{len(c.tokens)} tokens, {c.finish_reason}, {gen.dtype}]", err=True)
