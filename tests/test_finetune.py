@@ -175,6 +175,20 @@ def test_bad_inputs(tmp_path, base, data):
         finetune(base, long, tmp_path / "o3", steps=1, on_long="drop", workspace=tmp_path / "ws")
 
 
+def test_dpo_lora_writes_a_seeded_adapter(tmp_path, base):
+    from safetensors.torch import load_file
+
+    from fmkit.adapt.dpo import dpo
+
+    rows = [{"prompt": f"Task {i}?", "chosen": "Sure.", "rejected": "No."} for i in range(4)]
+    (tmp_path / "pref.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    outs = [dpo(base, tmp_path / "pref.jsonl", tmp_path / f"dpo{i}", lora=True, steps=1, batch_size=2,
+                workspace=tmp_path / "ws") for i in range(2)]
+    assert all(json.loads((o / "fmkit.json").read_text())["kind"] == "adapter" for o in outs)
+    a, b = (load_file(o / "adapter_model.safetensors") for o in outs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_dpo_moves_rewards_the_right_way(tmp_path, base):
     from fmkit.adapt.dpo import dpo
 

@@ -25,7 +25,7 @@ from ..errors import FmkitError
 from ..workspace import Workspace, read_manifest
 from .chat_data import BadLine, read_jsonl
 from .chat_template import choose_encoding
-from .finetune import IGNORE, lora_targets, save_trained
+from .finetune import IGNORE, add_lora, save_trained
 
 
 def _pair(row) -> tuple[list, str, str]:
@@ -148,12 +148,7 @@ def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta
         net.train()
     batches.ref = torch.tensor(ref)
     if lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = lora_targets(net, ["q_proj", "k_proj", "v_proj", "o_proj"])
-        torch.manual_seed(seed)   # the adapter's random init: the same run gives the same adapter
-        net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+        net, _ = add_lora(net, ["q_proj", "k_proj", "v_proj", "o_proj"], lora_r, lora_alpha, seed)
     ws = Workspace(workspace)
     out = Path(out) if out else ws.path("models", f"{base.name}-dpo")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=max(8, round(float(np.mean(

@@ -105,23 +105,24 @@ class SFTBatches:
         width = max(sum(len(self.rows[i][0]) for i in line) for line in lines)
         ids = torch.full((len(lines), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(lines), width), IGNORE, dtype=torch.long)
-        attn = torch.zeros((len(lines), width), dtype=torch.long)
         pos = torch.zeros((len(lines), width), dtype=torch.long)
+        ends = []
         for r, line in enumerate(lines):
             at = 0
             for i in line:
                 t, m = self.rows[i]
                 n = len(t)
                 ids[r, at:at + n] = torch.tensor(t)
-                attn[r, at:at + n] = 1
                 pos[r, at:at + n] = torch.arange(n)
                 # an example's first token is never a target (in a packed row it would follow the previous one)
                 labels[r, at + 1:at + n] = torch.tensor([tok if keep else IGNORE for tok, keep in zip(t[1:], m[1:])])
                 at += n
             # a packed row's padded tail restarts its positions too, so it is a sequence of its own
             pos[r, at:] = torch.arange(width - at)
+            ends.append(at)
         if self.packed:
             return {"input_ids": ids, "position_ids": pos, "labels": labels, "tokens": ids}
+        attn = (torch.arange(width)[None] < torch.tensor(ends)[:, None]).long()  # right-padded: real tokens first
         return {"input_ids": ids, "attention_mask": attn, "labels": labels, "tokens": ids}
 
     def get(self, step: int, micro: int) -> dict:
@@ -180,6 +181,19 @@ def lora_targets(model, wanted: list[str]) -> list[str]:
         raise FmkitError(f"LoRA target module(s) {', '.join(missing)} not in this model; its linear layers are: "
                          f"{', '.join(linear)}")
     return wanted
+
+
+def add_lora(net, wanted: list[str], r: int, alpha: int, seed: int):
+    """`net` wrapped by peft with LoRA adapters on the `wanted` linear layers (checked by `lora_targets`), their
+    random init seeded so the same run gives the same adapter; returns (model, targets)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise FmkitError("LoRA needs peft: pip install 'fmkit[adapt]'") from None
+    targets = lora_targets(net, wanted)
+    torch.manual_seed(seed)
+    return get_peft_model(net, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                                          task_type="CAUSAL_LM")), targets
 
 
 def load_quantized(base: Path, device: str):
@@ -249,15 +263,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
     ws = Workspace(workspace)
     out = Path(out) if out else ws.path("models", f"{base.name}-{'lora' if lora else 'ft'}")
     if lora:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise FmkitError("LoRA needs peft: pip install 'fmkit[adapt]'") from None
-
-        targets = lora_targets(net, lora_targets_ or ["q_proj", "k_proj", "v_proj", "o_proj"])
-        torch.manual_seed(seed)   # the adapter's random init: the same run gives the same adapter
-        net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+        net, targets = add_lora(net, lora_targets_ or ["q_proj", "k_proj", "v_proj", "o_proj"], lora_r, lora_alpha,
+                                seed)
     mean_len = round(float(np.mean([len(t) for t, _ in rows])))   # for the FLOPs estimate (MFU)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=mean_len,
                       lr=lr or (2e-4 if lora else 3e-5), warmup_steps=min(10, steps // 10), weight_decay=0.0,
@@ -269,7 +276,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
     batches = SFTBatches(rows, cfg.batch_size, cfg.grad_accum, seed, pad, packed=packed)
     val = (SFTBatches(val_rows, cfg.batch_size, 1, seed, pad, packed=packed).validation(cfg.eval_batches)
            if val_rows else [])
-    base_id = read_manifest(base).get("id", "")
+    base_manifest = read_manifest(base)
+    base_id = base_manifest.get("id", "")
     run_id = ws.start_run("finetune", {"model": str(base), "data": str(data), "lora": lora, "steps": steps},
                           [base_id])
     started = time.time()
@@ -279,7 +287,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
                 "examples": len(rows), "data_counts": dict(counts), "packed": packed, "steps": result.step,
                 "tokens_seen": result.tokens_seen, "final_metrics": result.history[-1] if result.history else {},
                 "template": template_used, "run_id": run_id, "seconds": round(time.time() - started, 1),
-                "lineage": {k: v for k, v in read_manifest(base).items() if k in ("dataset", "shards", "shards_id")}}
+                "lineage": {k: v for k, v in base_manifest.items() if k in ("dataset", "shards", "shards_id")}}
     if lora:
         manifest.update(lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets)
     if qlora:
