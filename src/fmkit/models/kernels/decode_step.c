@@ -35,11 +35,18 @@ typedef struct {
 
 int64_t fm_abi_version(void) { return 2; }
 
+/* the longest input row of any matrix: what a thread's `wide` buffer holds */
+static int64_t widest_input(const Model *m) {
+    int64_t nq = m->n_heads * m->head_dim, w = m->inter > m->hidden ? m->inter : m->hidden;
+    return w > nq ? w : nq;
+}
+
+/* fm_step's scratch: x, h (batch x hidden each), qkv, attention output, gate/up and activation, then per thread
+ * attention scores (cache_len) and a widened row */
 int64_t fm_work_floats(const Model *m) {
     int64_t b = m->batch, nq = m->n_heads * m->head_dim, nkv = m->n_kv * m->head_dim;
-    int64_t widest = m->inter > m->hidden ? m->inter : m->hidden;
-    widest = widest > nq ? widest : nq;
-    return b * m->hidden * 2 + b * (nq + 2 * nkv) + b * nq + b * m->inter * 3 + m->threads * (m->cache_len + widest);
+    return b * m->hidden * 2 + b * (nq + 2 * nkv) + b * nq + b * m->inter * 3 +
+           m->threads * (m->cache_len + widest_input(m));
 }
 
 static inline float widen(uint16_t v) {
@@ -119,8 +126,7 @@ void fm_step(const Model *m, const int64_t *ids, const int64_t *pos, int64_t slo
     const int bf16 = (int)m->bf16;
     float *x = m->work, *h = x + B * H, *qkv = h + B * H, *attn = qkv + B * nqkv, *gu = attn + B * nq;
     float *act = gu + B * 2 * I, *scratch = act + B * I;
-    int64_t widest = I > H ? I : H;
-    widest = widest > nq ? widest : nq;
+    const int64_t widest = widest_input(m);
     const float scale = 1.0f / sqrtf((float)D);
 
     #pragma omp parallel num_threads((int)m->threads)
