@@ -56,8 +56,8 @@ def build(index_dir: Path, texts: list[str], vectors: np.ndarray) -> None:
     rag.store.set_setting(db, "encoder", "synthetic")
     rag.store.set_setting(db, "dim", DIM)
     for d in range(0, len(texts), 10):
-        rag.store.add_document(db, f"/synthetic/{d // 10}.txt", f"{d // 10}.txt", "", f"doc {d // 10}", texts[d:d + 10],
-                          vectors[d:d + 10], {"lang": "en" if d // 10 % 2 else "de"})
+        rag.store.add_document(db, f"/synthetic/{d // 10}.txt", f"{d // 10}.txt", "", f"doc {d // 10}",
+                               texts[d:d + 10], vectors[d:d + 10], {"lang": "en" if d // 10 % 2 else "de"})
     rag.store.commit(db)
     rag.store.vectors(db, index_dir)
     db.close()

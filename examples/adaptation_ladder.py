@@ -115,5 +115,6 @@ def main() -> None:
             cells += [f"{res[m]['value']:.3f} ± {res[m]['stderr']:.3f}", test]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
+
 if __name__ == "__main__":
     main()
