@@ -33,10 +33,10 @@ def main() -> None:
     import torch
 
     from common import machine, reference_model
-    from fmkit.generate import Generator, resolve_dtype
+    from fmkit.models.generate import Generator, resolve_dtype
     from fmkit.models import native
     from fmkit.runtime import tune_allocator
-    from fmkit.train.precision import fast_bf16
+    from fmkit.runtime import fast_bf16
 
     tune_allocator()
     model = reference_model().eval()

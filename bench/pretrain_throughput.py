@@ -81,7 +81,7 @@ def main() -> None:
     import torch
 
     from common import REFERENCE, machine, reference_model, run_isolated
-    from fmkit.train.precision import fast_bf16, matmul_tflops
+    from fmkit.runtime import fast_bf16, matmul_tflops
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8)

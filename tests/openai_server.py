@@ -20,7 +20,7 @@ class Backend:
         self.lock = threading.Lock()
 
     def completion(self, body):
-        from fmkit.providers.base import GenRequest
+        from fmkit.providers import GenRequest
 
         m = self.model
         prompt = body["prompt"]

@@ -10,7 +10,7 @@ import yaml
 from fmkit.errors import FmkitError
 from fmkit.evals import metrics as M
 from fmkit.evals.runner import evaluate
-from fmkit.providers.base import GenRequest, Model, get_model
+from fmkit.providers import GenRequest, Model, get_model
 from fmkit.providers.local import LocalModel
 
 
@@ -283,7 +283,7 @@ def test_cli_bad_model_path_and_builtin_task(tmp_path, lm_dir):
 
     run = subprocess.run([sys.executable, "-m", "fmkit", "eval", str(tmp_path / "nope"), "stdlib_docstring_to_name"],
                          capture_output=True, text=True)
-    assert run.returncode == 2 and "does not exist" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2 and "no such folder" in run.stderr and "Traceback" not in run.stderr
     run = subprocess.run([sys.executable, "-m", "fmkit", "eval", str(lm_dir), "stdlib_docstring_to_name",
                           "--limit", "20", "--out", str(tmp_path / "run"), "-w", str(tmp_path / "ws")],
                          capture_output=True, text=True)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fmkit.errors import FmkitError
-from fmkit.generate import Generator, sample_next
+from fmkit.models.generate import Generator, sample_next
 from fmkit.models import native
 from fmkit.models.build import build_model, model_config
 from fmkit.models.decode import LlamaDecoder
@@ -204,7 +204,7 @@ def test_kernel_is_built_once_per_machine_and_reused(monkeypatch, tmp_path):
 
 
 def test_auto_dtype_follows_the_cpu(model_dir):
-    from fmkit.train.precision import fast_bf16
+    from fmkit.runtime import fast_bf16
 
     assert Generator(model_dir).dtype == ("bf16" if fast_bf16("cpu") else "fp32")
     with pytest.raises(FmkitError, match="dtype must be auto"):

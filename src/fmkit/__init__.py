@@ -1,5 +1,6 @@
 """fmkit: the foundation-model lifecycle in one toolkit. The Python API mirrors the CLI verbs."""
 import logging
+import warnings
 
 from .errors import FmkitError
 
@@ -8,6 +9,9 @@ __version__ = "0.1.0"
 # bitsandbytes (imported by peft whenever it is installed) logs a hint to fetch CPU kernels from the hub; fmkit
 # never downloads, and the built-in CPU path it falls back to is the one used
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft (0.21) still asks transformers for `is_gradient_checkpointing`, which v5 deprecates: noise for users of
+# fmkit's verbs, nothing they can act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 __all__ = ["FmkitError", "quickstart", "curate", "curate_report", "build_ngram_index", "NGramIndex",
            "evaluate", "get_model", "finetune", "merge", "validate_jsonl",

@@ -320,7 +320,7 @@ def pretrain(ctx: typer.Context,
 
 
 @app.command()
-def generate(model: Path = typer.Argument(..., help="Model folder (fmkit's or any transformers model on disk)."),
+def generate(model: str = typer.Argument(..., help="Model reference: a model or adapter folder, or hf:ORG/NAME."),
              prompt: List[str] = typer.Option(["def "], "--prompt", "-p", help="Prompt; repeat for a batch."),
              max_new_tokens: int = typer.Option(64, help="Tokens to generate per prompt."),
              temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
@@ -332,7 +332,7 @@ def generate(model: Path = typer.Argument(..., help="Model folder (fmkit's or an
                                        "natively (about twice as fast), else fp32 (exact)."),
              trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickle weights (can run code).")):
     """Generate text from a model with a KV cache."""
-    from .generate import Generator
+    from .models.generate import Generator
 
     stop = [s.encode().decode("unicode_escape") for s in stop]  # let users type --stop '\n\n'
     gen = Generator(model, dtype, trust_pickle)

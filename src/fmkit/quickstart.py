@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from .data.curate import curate
-from .generate import Generator
+from .models.generate import Generator
 from .plots import loss_curve
 from .progress import report as console
 from .tokenize.pack import pack

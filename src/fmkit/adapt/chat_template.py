@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import FmkitError
-from ..workspace import read_manifest
+from ..models.reference import ModelRef
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -22,7 +22,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def choose_encoding(tok, base: Path, template: str = "chat") -> tuple[Callable, str]:
+def choose_encoding(tok, base: ModelRef, template: str = "chat") -> tuple[Callable, str]:
     """How conversations become (ids, loss mask) for this model; also returns what was used, for fmkit.json.
 
     template: "chat" — the tokenizer's own chat template; a model fmkit built (fmkit.json) that has none gets
@@ -41,8 +41,8 @@ def choose_encoding(tok, base: Path, template: str = "chat") -> tuple[Callable, 
         tok.chat_template = path.read_text()
         return encode_templated, f"file {path.resolve()}"
     if not getattr(tok, "chat_template", None):
-        if not read_manifest(base):
-            raise FmkitError(f"{base} has no chat template: pass --template fmkit (fmkit's role headers), "
+        if not base.built_by_fmkit:
+            raise FmkitError(f"{base.spec} has no chat template: pass --template fmkit (fmkit's role headers), "
                              "--template FILE.jinja (your own), or --template none (texts back to back)")
         tok.chat_template = CHAT_TEMPLATE
         return encode_chat, "fmkit (added)"

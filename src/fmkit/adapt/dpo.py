@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from ..errors import FmkitError
-from ..workspace import Workspace, read_manifest
+from ..workspace import Workspace
 from .chat_data import BadLine, read_jsonl
 from .chat_template import choose_encoding
-from .finetune import IGNORE, add_lora, save_trained
+from .finetune import IGNORE, add_lora, parent_name, save_trained
 
 
 def _pair(row) -> tuple[list, str, str]:
@@ -114,19 +113,18 @@ class PairBatches:
 def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta: float = 0.1, lora: bool = False,
         lora_r: int = 8, lora_alpha: int = 16, steps: int = 100, lr: float | None = None, batch_size: int = 4,
         max_len: int = 0, seed: int = 0, workspace: str | Path | None = None, template: str = "chat",
-        **train_kw) -> Path:
-    """Align `model` on preference pairs with DPO; returns the output folder (model, or LoRA adapter)."""
-    from ..models.io import load_model
-    from ..tokenize.tokenizer import load_tokenizer
+        base: str | Path | None = None, **train_kw) -> Path:
+    """Align `model` (any local model reference; an adapter is merged into its base first) on preference pairs with
+    DPO; returns the output folder (model, or LoRA adapter)."""
+    from ..models.reference import resolve
     from ..train.loop import train
 
-    base = Path(model)
-    if not (base / "config.json").is_file():
-        raise FmkitError(f"{base} is not a model folder (no config.json)")
-    tok = load_tokenizer(base)
+    base = resolve(model, base)
+    base.config()
+    tok = base.tokenizer()
     encode, template_used = choose_encoding(tok, base, template)
     pairs = read_pairs(data)
-    net = load_model(base).train()
+    net = base.load().train()
     limit = getattr(net.config, "max_position_embeddings", 2048)
     max_len = min(max_len or limit, limit)
     rows = []
@@ -150,18 +148,18 @@ def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta
     if lora:
         net, _ = add_lora(net, ["q_proj", "k_proj", "v_proj", "o_proj"], lora_r, lora_alpha, seed)
     ws = Workspace(workspace)
-    out = Path(out) if out else ws.path("models", f"{base.name}-dpo")
+    out = Path(out) if out else ws.path("models", f"{base.label}-dpo")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=max(8, round(float(np.mean(
         [len(c) for c, _ in rows])))), lr=lr or (5e-5 if lora else 5e-6), warmup_steps=min(10, steps // 10),
         weight_decay=0.0, eval_every=steps + 1, save_every=max(1, steps // 2), keep_last=1,
         log_every=max(1, steps // 20), seed=seed, precision="fp32")
     cfg = replace(cfg, **train_kw)
-    base_id = read_manifest(base).get("id", "")
-    run_id = ws.start_run("dpo", {"model": str(base), "data": str(data), "beta": beta, "steps": steps}, [base_id])
+    base_id = base.manifest().get("id", "")
+    run_id = ws.start_run("dpo", {"model": base.spec, "data": str(data), "beta": beta, "steps": steps}, [base_id])
     started = time.time()
     result = train(net, dpo_objective(beta), batches, cfg, out)
     manifest = {"kind": "adapter" if lora else "model", "method": "dpo" + (" lora" if lora else ""), "beta": beta,
-                "parent_model": str(base.resolve()), "parent_id": base_id or None, "data": str(Path(data).resolve()),
+                "parent_model": parent_name(base), "parent_id": base_id or None, "data": str(Path(data).resolve()),
                 "pairs": len(rows), "steps": result.step, "final_metrics": result.history[-1] if result.history else {},
                 "template": template_used, "run_id": run_id, "seconds": round(time.time() - started, 1)}
     return save_trained(net, tok, out, lora, manifest, ws, base_id, run_id)

@@ -7,7 +7,6 @@ lineage; `merge` folds an adapter into its base.
 from __future__ import annotations
 
 import time
-import warnings
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -18,14 +17,12 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..errors import FmkitError
-from ..workspace import Workspace, read_manifest, write_manifest
+from ..models.reference import ModelRef
+from ..workspace import Workspace, write_manifest
 from .chat_data import validate_jsonl
 from .chat_template import choose_encoding, encode_chat
 
 IGNORE = -100
-# peft (0.21) still asks transformers for `is_gradient_checkpointing`, which v5 deprecates: noise for users of
-# fmkit's verbs, nothing they can act on
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 
 def _body_and_head(model):
@@ -196,7 +193,7 @@ def add_lora(net, wanted: list[str], r: int, alpha: int, seed: int):
                                           task_type="CAUSAL_LM")), targets
 
 
-def load_quantized(base: Path, device: str):
+def load_quantized(base: ModelRef, device: str):
     """The base model with its linear layers stored in 4-bit NF4 by bitsandbytes (double-quantised), ready for
     QLoRA: the adapters train in the compute dtype on top of the frozen 4-bit weights."""
     try:
@@ -205,12 +202,16 @@ def load_quantized(base: Path, device: str):
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     except ImportError:
         raise FmkitError("QLoRA needs bitsandbytes and peft: pip install 'fmkit[qlora]'") from None
-    if not any(base.glob("*.safetensors")):
-        raise FmkitError(f"{base} has no safetensors weights; QLoRA loads only those (convert the checkpoint first)")
+    if base.kind == "adapter":
+        raise FmkitError(f"--qlora quantizes a whole model, and {base.spec} is an adapter; merge it first "
+                         "(fmkit merge) and fine-tune the merged folder")
+    if base.kind == "folder" and not any(base.path.glob("*.safetensors")):
+        raise FmkitError(f"{base.spec} has no safetensors weights; QLoRA loads only those (convert the checkpoint "
+                         "first)")
     compute = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
-    net = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, device_map={"": device},
+    net = AutoModelForCausalLM.from_pretrained(base.path or base.name, quantization_config=quant, device_map={"": device},
                                                use_safetensors=True, attn_implementation="sdpa")
     for module in net.modules():
         # On CPUs with AVX512-BF16, bitsandbytes repacks the 4-bit weights on the first eval-mode forward (a
@@ -225,25 +226,21 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
              qlora: bool = False, lora_r: int = 8, lora_alpha: int = 16, lora_targets_: list[str] | None = None,
              steps: int = 100, lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_len: int = 0,
              on_long: str = "truncate", val_data: str | Path | None = None, seed: int = 0, resume: bool = False,
-             workspace: str | Path | None = None, template: str = "chat", **train_kw) -> Path:
-    """Fine-tune `model` on `data`; returns the output folder (model or LoRA adapter). `qlora`: LoRA on the base
+             workspace: str | Path | None = None, template: str = "chat", base: str | Path | None = None,
+             **train_kw) -> Path:
+    """Fine-tune `model` (any local model reference; an adapter is merged into its base first, or into `base`) on
+    `data`; returns the output folder (model or LoRA adapter). `qlora`: LoRA on the base
     loaded in 4-bit NF4 (bitsandbytes; on a GPU when there is one, else the CPU). `template`: chat (the
     model's own chat template; fmkit's for fmkit models without one), fmkit, none, or a .jinja file
     (`chat_template.choose_encoding`)."""
-    from ..models.io import load_model
-    from ..tokenize.tokenizer import load_tokenizer
+    from ..models.reference import resolve
     from ..train.loop import train
 
     if on_long not in ("truncate", "drop"):
         raise FmkitError("on_long must be truncate or drop")
-    base = Path(model)
-    if not (base / "config.json").is_file():
-        raise FmkitError(f"{base} is not a model folder (no config.json)")
-    try:
-        tok = load_tokenizer(base)
-    except Exception:
-        raise FmkitError(f"{base} has no tokenizer files; copy the tokenizer it was trained with into the folder "
-                         "(tokenizer.json, tokenizer_config.json)") from None
+    base = resolve(model, base)
+    base.config()   # a remote or broken reference fails here, before the data is read
+    tok = base.tokenizer()
     encode, template_used = choose_encoding(tok, base, template)
     examples = validate_jsonl(data)
     lora = lora or qlora
@@ -253,7 +250,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
         # the device the training loop will use (same rules and errors), so the 4-bit weights are placed there
         net = load_quantized(base, parallel.init(train_kw.get("device", "auto")).device).train()
     else:
-        net = load_model(base).train()
+        net = base.load().train()
     limit = net.config.max_position_embeddings if hasattr(net.config, "max_position_embeddings") else 2048
     max_len = min(max_len or limit, limit)
     rows, counts = tokenize_examples(tok, examples, max_len, on_long, encode)
@@ -261,7 +258,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
         raise FmkitError(f"{data}: no usable examples after fitting them to {max_len} tokens ({dict(counts)})")
     val_rows = tokenize_examples(tok, validate_jsonl(val_data), max_len, on_long, encode)[0] if val_data else []
     ws = Workspace(workspace)
-    out = Path(out) if out else ws.path("models", f"{base.name}-{'lora' if lora else 'ft'}")
+    out = Path(out) if out else ws.path("models", f"{base.label}-{'lora' if lora else 'ft'}")
     if lora:
         net, targets = add_lora(net, lora_targets_ or ["q_proj", "k_proj", "v_proj", "o_proj"], lora_r, lora_alpha,
                                 seed)
@@ -276,18 +273,17 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
     batches = SFTBatches(rows, cfg.batch_size, cfg.grad_accum, seed, pad, packed=packed)
     val = (SFTBatches(val_rows, cfg.batch_size, 1, seed, pad, packed=packed).validation(cfg.eval_batches)
            if val_rows else [])
-    base_manifest = read_manifest(base)
-    base_id = base_manifest.get("id", "")
-    run_id = ws.start_run("finetune", {"model": str(base), "data": str(data), "lora": lora, "steps": steps},
+    base_id = base.manifest().get("id", "")
+    run_id = ws.start_run("finetune", {"model": base.spec, "data": str(data), "lora": lora, "steps": steps},
                           [base_id])
     started = time.time()
     result = train(net, sft_objective, batches, cfg, out, val_batches=val, resume=resume)
     manifest = {"kind": "adapter" if lora else "model", "method": "qlora" if qlora else "lora" if lora else "full",
-                "parent_model": str(base.resolve()), "parent_id": base_id or None, "data": str(Path(data).resolve()),
+                "parent_model": parent_name(base), "parent_id": base_id or None, "data": str(Path(data).resolve()),
                 "examples": len(rows), "data_counts": dict(counts), "packed": packed, "steps": result.step,
                 "tokens_seen": result.tokens_seen, "final_metrics": result.history[-1] if result.history else {},
                 "template": template_used, "run_id": run_id, "seconds": round(time.time() - started, 1),
-                "lineage": {k: v for k, v in base_manifest.items() if k in ("dataset", "shards", "shards_id")}}
+                "lineage": base.lineage()}
     if lora:
         manifest.update(lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets)
     if qlora:
@@ -314,18 +310,21 @@ def save_trained(net, tok, out: Path, lora: bool, manifest: dict, ws: Workspace,
     return out
 
 
+def parent_name(ref) -> str:
+    """How fmkit.json names a parent so that `resolve` finds it again: an absolute folder, or the reference."""
+    return str(ref.path.resolve()) if ref.path is not None else ref.spec
+
+
 def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
-    """Fold a LoRA adapter into its base model and save a plain model folder."""
-    from peft import PeftModel
+    """Fold a LoRA adapter into its base model (the one it names, or `base`) and save a plain model folder."""
+    from ..models.io import save_model
+    from ..models.reference import resolve
 
-    from ..models.io import load_model, save_model
-
-    adapter = Path(adapter)
-    m = read_manifest(adapter)
-    base = Path(base or m.get("parent_model", ""))
-    if not (base / "config.json").is_file():
-        raise FmkitError(f"base model for {adapter} not found at {base}; pass it explicitly")
-    merged = PeftModel.from_pretrained(load_model(base), str(adapter)).merge_and_unload()
-    save_model(merged, out, adapter, {"kind": "model", "method": "merged lora", "adapter": str(adapter.resolve()),
-                                      "parent_model": str(base.resolve())})
+    ref = resolve(adapter, base)
+    if ref.kind != "adapter":
+        raise FmkitError(f"{ref.spec} is not an adapter folder (no adapter_config.json); nothing to merge")
+    merged = ref.load(merge=True)
+    save_model(merged, out, None, {"kind": "model", "method": "merged lora", "adapter": str(ref.path.resolve()),
+                                   "parent_model": parent_name(ref.base), "lineage": ref.lineage()})
+    ref.tokenizer().save_pretrained(out)
     return Path(out)

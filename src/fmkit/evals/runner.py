@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import FmkitError
 from ..progress import status
-from ..providers.base import GenRequest, Model, get_model
+from ..providers import GenRequest, Model, get_model
 from ..workspace import Workspace, write_manifest
 from . import metrics as M
 from .tasks import Renderer, Task, load_items, load_task

@@ -1,4 +1,4 @@
-"""The `Model` interface every backend implements, usage accounting, and `get_model(spec)`.
+"""The `Model` interface every backend implements, and usage accounting (backends.py picks the backend).
 
 A backend offers some of: `loglikelihood` (log P(continuation | context) and whether it is the greedy
 continuation), `generate` (a completion of a prompt, up to stop strings), `chat` (a reply to messages) and `embed`.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import FmkitError
 
@@ -80,25 +79,3 @@ class Model:
     def describe(self) -> dict:
         """What identifies this model in results (and its lineage, when known)."""
         return {"name": self.name, "backend": type(self).__name__}
-
-
-def get_model(spec: str, base_url: str = "", api_key: str = "", cache: str | Path | None = None,
-              concurrency: int = 4, batch_size: int = 16, prices: str | Path | None = None, **kw) -> Model:
-    """A model from a spec: a folder path (local), `openai:NAME` (with base_url for a self-hosted server) or
-    `anthropic:NAME`. `cache` names an SQLite file for responses of remote backends."""
-    if spec.startswith("openai:"):
-        from .openai_api import OpenAIModel
-
-        return OpenAIModel(spec[7:], base_url=base_url, api_key=api_key, cache=cache, concurrency=concurrency,
-                           prices=prices, **kw)
-    if spec.startswith("anthropic:"):
-        from .anthropic_api import AnthropicModel
-
-        return AnthropicModel(spec[10:], api_key=api_key, base_url=base_url, cache=cache, concurrency=concurrency,
-                              prices=prices, **kw)
-    path = Path(spec)
-    if not path.exists():
-        raise FmkitError(f"model {spec} does not exist: give a model folder, openai:NAME or anthropic:NAME")
-    from .local import LocalModel
-
-    return LocalModel(path, batch_size=batch_size, **kw)

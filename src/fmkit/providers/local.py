@@ -1,4 +1,5 @@
-"""A local Hugging Face-format model folder (fmkit's, or any `transformers` causal LM on disk), batched.
+"""A local causal LM — any local model reference: a model folder (fmkit's or any `transformers` causal LM), an
+adapter folder (merged into its base in memory) or hf:ORG/NAME — scored and sampled in batches.
 
 Log-likelihoods follow lm-evaluation-harness exactly: trailing whitespace of the context moves to the
 continuation; continuation tokens are enc(context + continuation)[len(enc(context)):]; an empty context is
@@ -19,30 +20,30 @@ from pathlib import Path
 import torch
 
 from ..errors import FmkitError
-from ..workspace import read_manifest
+from ..models.reference import ModelRef, resolve
 from .base import GenRequest, Model
 
 
 class LocalModel(Model):
     capabilities = frozenset({"loglikelihood", "generate", "chat", "embed"})
 
-    def __init__(self, folder: str | Path, batch_size: int = 16, dtype: str = "fp32", trust_pickle: bool = False,
-                 share_context: bool = True, max_length: int = 0):
+    def __init__(self, model: str | Path | ModelRef, batch_size: int = 16, dtype: str = "fp32",
+                 trust_pickle: bool = False, share_context: bool = True, max_length: int = 0,
+                 base: str | Path | None = None):
         super().__init__()
         from ..models.build import arch_of
-        from ..models.io import load_config, load_model
-        from ..tokenize.tokenizer import load_tokenizer
 
-        self.folder = Path(folder)
-        config = load_config(self.folder)
+        self.ref = resolve(model, base)
+        self.folder = self.ref.path        # where the tokenizer and fmkit.json live (None for a hub id)
+        config = self.ref.config()
         if arch_of(config) != "decoder":
-            raise FmkitError(f"{self.folder} is an {arch_of(config)} model; evaluation needs a causal LM "
-                             "(decoder) folder")
-        self.model = load_model(self.folder, trust_pickle=trust_pickle)
+            raise FmkitError(f"{self.ref.spec} is an {arch_of(config)} model; evaluation needs a causal LM "
+                             "(decoder)")
+        self.model = self.ref.load(trust_pickle)
         if dtype == "bf16":
             self.model = self.model.to(torch.bfloat16)
-        self.tok = load_tokenizer(self.folder)
-        self.name = self.folder.name
+        self.tok = self.ref.tokenizer()
+        self.name = self.ref.label
         self.batch_size = max(1, batch_size)
         self.share_context = share_context
         cfg = self.model.config
@@ -52,10 +53,10 @@ class LocalModel(Model):
         self._gen = None
 
     def describe(self) -> dict:
-        m = read_manifest(self.folder)
-        return {"name": self.name, "backend": "local", "path": str(self.folder.resolve()), "id": m.get("id", ""),
-                "lineage": {k: m[k] for k in ("dataset", "dataset_id", "shards", "shards_id", "parent", "steps",
-                                               "tokens_seen") if k in m}}
+        m = self.ref.manifest()
+        return {"name": self.name, "backend": "local", "reference": self.ref.spec, "kind": self.ref.kind,
+                "path": str(self.folder.resolve()) if self.folder else self.ref.name, "id": m.get("id", ""),
+                "lineage": self.ref.lineage()}
 
     # ---- log-likelihoods -------------------------------------------------------------------------------------
     def enc(self, text: str) -> list[int]:
@@ -202,7 +203,7 @@ class LocalModel(Model):
 
     # ---- generation ------------------------------------------------------------------------------------------
     def generate(self, requests: list[GenRequest]) -> list[str]:
-        from ..generate import Generator
+        from ..models.generate import Generator
 
         if self._gen is None:
             self._gen = Generator.from_model(self.model, self.tok, dtype="bf16" if self.model.dtype == torch.bfloat16
@@ -232,7 +233,7 @@ class LocalModel(Model):
 
     def chat(self, requests: list[GenRequest]) -> list[str]:
         if not getattr(self.tok, "chat_template", None):
-            raise FmkitError(f"{self.folder} has no chat template in its tokenizer config; evaluate with "
+            raise FmkitError(f"{self.ref.spec} has no chat template in its tokenizer config; evaluate with "
                              "`chat: false` (plain prompts), or fine-tune with SFT, which saves one")
         plain = [GenRequest(self.tok.apply_chat_template(r.prompt, tokenize=False, add_generation_prompt=True),
                             r.until, r.max_tokens, r.temperature, r.seed) for r in requests]

@@ -21,11 +21,11 @@ from ..config import TrainConfig
 from ..errors import FmkitError
 from ..models.build import count_parameters
 from ..progress import progress_bar, status
-from ..runtime import tune_allocator
+from ..runtime import matmul_tflops, tune_allocator
 from . import checkpoint as ckpt
 from . import parallel
 from .metrics import MetricsLog, flops_per_token, lm_metrics
-from .precision import autocast, choose_precision, compute_dtype, matmul_tflops
+from .precision import autocast, choose_precision, compute_dtype
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 

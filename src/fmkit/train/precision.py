@@ -2,29 +2,11 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import time
 
 import torch
 
 from ..errors import FmkitError
-
-
-def matmul_tflops(dtype: torch.dtype, device: str, n: int = 1024, reps: int = 5) -> float:
-    """Dense matmul throughput (TFLOP/s) of an n x n x n product, best of `reps`: the peak MFU is measured against."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e12
+from ..runtime import fast_bf16
 
 
 def choose_precision(requested: str, device: str) -> str:
@@ -42,17 +24,6 @@ def choose_precision(requested: str, device: str) -> str:
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if fast_bf16(device) else "fp32"
-
-
-@functools.lru_cache(maxsize=None)
-def fast_bf16(device: str = "cpu") -> bool:
-    """Whether bf16 matmuls beat fp32 here (native bf16, not emulation), decided once per process.
-
-    Native bf16 measures 2-4x fp32 and emulated ~1/50, so the 1.2x line sits far from both; 512-wide products,
-    best of 7, keep a busy machine from flipping the answer (256-wide, best of 5, was seen to flip).
-    """
-    return matmul_tflops(torch.bfloat16, device, n=512, reps=7) > 1.2 * matmul_tflops(torch.float32, device, n=512,
-                                                                                      reps=7)
 
 
 def autocast(precision: str, device: str):

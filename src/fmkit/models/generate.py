@@ -1,4 +1,6 @@
-"""`fmkit generate`: sample text from a model folder with temperature / top-k / top-p / stop strings."""
+"""Generation for every model reference: temperature / top-k / top-p / stop strings; Llama-style decoders run on
+the KV-cache decoder (decode.py), other architectures through transformers' generate. `fmkit generate`, `fmkit
+chat`, the local provider and the server all complete text through `Generator`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,11 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import FmkitError
-from .models.build import arch_of
-from .models.decode import LlamaDecoder
-from .models.io import load_model
-from .tokenize.tokenizer import load_tokenizer
+from ..errors import FmkitError
+from .build import arch_of
+from .decode import LlamaDecoder
+from .reference import ModelRef, resolve
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -18,7 +19,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def resolve_dtype(dtype: str) -> str:
     """`auto`: bf16 where this CPU multiplies bf16 natively (it halves the bytes a step reads), else fp32."""
     if dtype == "auto":
-        from .train.precision import fast_bf16
+        from ..runtime import fast_bf16
         return "bf16" if fast_bf16("cpu") else "fp32"
     if dtype not in DTYPES:
         raise FmkitError(f"dtype must be auto, {' or '.join(DTYPES)}, got '{dtype}'")
@@ -53,8 +54,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 class Generator:
     """A loaded model + tokenizer that completes prompts; Llama-style decoders use the fast KV-cache path."""
 
-    def __init__(self, model_dir: str | Path, dtype: str = "auto", trust_pickle: bool = False):
-        self._setup(load_model(model_dir, trust_pickle=trust_pickle), load_tokenizer(model_dir), dtype)
+    def __init__(self, model: str | Path | ModelRef, dtype: str = "auto", trust_pickle: bool = False,
+                 base: str | Path | None = None):
+        ref = resolve(model, base)
+        if not ref.local:
+            raise FmkitError(f"{ref.spec} is a hosted model; generate locally from a model or adapter folder or "
+                             "hf:ORG/NAME (hosted models are reached through fmkit.providers.get_model)")
+        self.ref = ref
+        self._setup(ref.load(trust_pickle), ref.tokenizer(), dtype)
 
     @classmethod
     def from_model(cls, model, tokenizer=None, dtype: str = "auto") -> "Generator":
@@ -156,7 +163,7 @@ class Generator:
 
 def generate(model: str | Path, prompts: list[str] | str, max_new_tokens: int = 64, temperature: float = 0.8,
              top_k: int = 0, top_p: float = 1.0, stop: list[str] | tuple = (), seed: int = 0, dtype: str = "auto",
-             trust_pickle: bool = False) -> list[Completion]:
-    """Complete each prompt with the model in folder `model`."""
+             trust_pickle: bool = False, base: str | Path | None = None) -> list[Completion]:
+    """Complete each prompt with `model` (any local reference: model folder, adapter folder, hf:ORG/NAME)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    return Generator(model, dtype, trust_pickle)(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed)
+    return Generator(model, dtype, trust_pickle, base)(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed)
