@@ -39,7 +39,7 @@ def stdlib_documents() -> list[tuple[str, str]]:
     import ast
     import warnings
 
-    from fmkit.data.corpus import pydoc_topics
+    from fmkit.data.stdlib import pydoc_topics
 
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []

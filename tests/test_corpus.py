@@ -1,6 +1,9 @@
 import pytest
 
-from fmkit.data.corpus import STDLIB_VAL_MODULES, CorpusStats, iter_documents, require_documents
+from fmkit.data.corpus import CorpusStats, iter_documents, require_documents
+from fmkit.data.dataset import dataset_id, is_dataset, read_dataset
+from fmkit.data.sources import SourceSpec, plan_units
+from fmkit.data.stdlib import STDLIB_VAL_MODULES
 from fmkit.errors import FmkitError
 
 
@@ -23,7 +26,7 @@ def test_bad_files_are_counted_with_reasons(tmp_path):
     docs = list(iter_documents(tmp_path, stats))
     assert sorted(d.text for d in docs) == ["a row", "hello world"]
     assert stats.skipped == {"empty": 1, "binary": 1, "invalid utf-8": 1, "not a text file (.png)": 1,
-                             "broken jsonl line": 1, "missing text field 'text'": 1}
+                             "broken JSONL line": 1, "missing text field 'text'": 1}
 
 
 def test_missing_empty_and_undecodable_corpora_fail_in_one_sentence(tmp_path):
@@ -36,3 +39,17 @@ def test_missing_empty_and_undecodable_corpora_fail_in_one_sentence(tmp_path):
     list(iter_documents(tmp_path, stats))
     with pytest.raises(FmkitError, match=r"has no decodable text \(1 invalid utf-8\)"):
         require_documents(tmp_path, stats)
+
+
+def test_unknown_stdlib_split_fails_the_same_for_corpus_and_curation():
+    with pytest.raises(FmkitError, match="unknown stdlib split 'tset'"):
+        list(iter_documents("stdlib:tset"))
+    with pytest.raises(FmkitError, match="unknown stdlib split 'tset'"):
+        plan_units(0, SourceSpec(name="s", path="stdlib:tset"))
+
+
+def test_a_plain_folder_is_not_a_dataset(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    assert not is_dataset(tmp_path) and dataset_id(tmp_path) == ""
+    with pytest.raises(FmkitError, match="is not a curated dataset"):
+        list(read_dataset(tmp_path))

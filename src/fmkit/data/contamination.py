@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FmkitError
+from .dataset import MANIFEST, is_dataset, read_dataset
 
 _STRIP = re.compile(r"[^\w\s]|_")
 _MULT = np.uint64(0x9E3779B97F4A7C15)
@@ -86,9 +87,7 @@ def build_ngram_index(source: str | Path, n: int = 13, out: str | Path | None = 
     """Index the n-grams of a curated dataset (words) or a token-shards folder (token ids); returns the .npy path."""
     src = Path(source)
     chunks, docs = [], 0
-    if (src / "manifest.json").is_file():
-        from .curate import read_dataset
-
+    if is_dataset(src):
         unit, cache = "words", {}
         for row in read_dataset(src, columns=("text",)):
             docs += 1
@@ -102,7 +101,7 @@ def build_ngram_index(source: str | Path, n: int = 13, out: str | Path | None = 
             docs += 1
             chunks.append(np.unique(window_hashes(doc_ids, n)))
     else:
-        raise FmkitError(f"{src} is neither a curated dataset (manifest.json) nor token shards (index.json)")
+        raise FmkitError(f"{src} is neither a curated dataset ({MANIFEST}) nor token shards (index.json)")
     hashes = np.unique(np.concatenate(chunks)) if chunks else np.zeros(0, dtype=np.uint64)
     folder = Path(out) if out else src
     folder.mkdir(parents=True, exist_ok=True)

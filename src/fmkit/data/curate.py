@@ -20,13 +20,12 @@ import numpy as np
 from ..errors import FmkitError
 from ..progress import progress_bar, status
 from ..workspace import Workspace, write_manifest
+from .dataset import FORMAT, MANIFEST
 from .dedup import MinHashConfig, exact_clusters, minhash_clusters
 from .mix import mix_rates, repeats
 from .pipeline import execute, rejected_schema
 from .recipe import CurateRecipe, build_blocks, build_sources, load_curate_recipe
 from .sources import plan_units
-
-FORMAT = "fmkit.dataset/1"
 
 
 def curate(recipe: str | Path | CurateRecipe | None = None, overrides: list[str] | dict | None = None,
@@ -59,8 +58,7 @@ def curate(recipe: str | Path | CurateRecipe | None = None, overrides: list[str]
         ws.finish_run(run_id, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=str(e)[:500])
         raise
     result["seconds"] = round(time.time() - started, 2)
-    manifest_path = out / "manifest.json"
-    manifest_path.write_text(json.dumps(result, indent=2))
+    (out / MANIFEST).write_text(json.dumps(result, indent=2))
     art = ws.add_artifact("dataset", out, {"documents": result["output"]["documents"],
                                            "tokens": result["output"]["tokens"]})
     write_manifest(out, {"kind": "dataset", "id": art, "format": FORMAT, "name": rec.name,
@@ -79,7 +77,7 @@ def _prepare(out: Path, work: Path, job: dict, resume: bool) -> None:
         if work.exists() and resume:
             status(f"curate: {out} holds work from a different recipe; starting over")
         shutil.rmtree(work, ignore_errors=True)
-    for stale in ("data", "rejected", "manifest.json"):
+    for stale in ("data", "rejected", MANIFEST):
         p = out / stale
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -302,16 +300,3 @@ def _manifest(rec, specs, blocks, stats, domains, tokens, removed, exact_root, r
                    "shards": shards, "rejected": "rejected/*.parquet"},
         "recipe": asdict(rec),
     }
-
-
-def read_dataset(folder: str | Path, columns=("id", "text")):
-    """Iterate a curated dataset's rows (dicts with `columns`), shard by shard."""
-    import pyarrow.parquet as pq
-
-    folder = Path(folder)
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        raise FmkitError(f"{folder} is not a curated dataset (no manifest.json); run fmkit curate first")
-    for shard in json.loads(manifest.read_text())["output"]["shards"]:
-        for batch in pq.ParquetFile(folder / shard["file"]).iter_batches(columns=list(columns)):
-            yield from batch.to_pylist()

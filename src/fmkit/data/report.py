@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 from rich.table import Table
 
-from ..errors import FmkitError
 from ..progress import report as console
+from .dataset import dataset_manifest
 
 
 def _tables(m: dict) -> list[tuple[str, list[str], list[list]]]:
@@ -85,10 +84,7 @@ def _plot(m: dict, folder: Path) -> Path:
 def curate_report(dataset: str | Path) -> tuple[Path, Path]:
     """Print the dataset's accounting and write report.png and report.html next to its manifest."""
     folder = Path(dataset)
-    mpath = folder / "manifest.json"
-    if not mpath.is_file():
-        raise FmkitError(f"{folder} is not a curated dataset (no manifest.json)")
-    m = json.loads(mpath.read_text())
+    m = dataset_manifest(folder)
     parts = [f"<h1>{html.escape(m['name'])}</h1><p>{m['documents_in']:,} documents in, "
              f"{m['output']['documents']:,} kept ({m['output']['tokens']:,} tokens), "
              f"{m['seconds']} s</p>"]

@@ -3,7 +3,8 @@
 A source is a folder tree matched by globs, JSONL or Parquet files with a named text field, the embedded stdlib
 corpus, or a Hugging Face dataset id. Its files are grouped into *units* (the grain of parallelism and of resume).
 Reading never raises for bad data: a binary file, invalid UTF-8, an empty file, a broken JSONL line, a missing
-text field or a huge single line becomes a `Rejected` record with its reason and location.
+text field or a huge single line becomes a `Rejected` record with its reason and location. The readers of single
+files, JSONL, Parquet and stdlib entries are also what `corpus.iter_documents` reads plain corpora with.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import FmkitError
+from .stdlib import PYDOC_TOPICS, pydoc_topics, stdlib_doc_id, stdlib_files, stdlib_split
 
-CODE_SUFFIXES = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".js", ".ts", ".java", ".go", ".rs", ".rb",
-                 ".sh", ".pl", ".lua", ".scala", ".kt", ".swift", ".cs", ".php", ".sql", ".r", ".m"}
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".markdown", ".html", ".htm", ".tex", ".org", ".adoc"}
+# Code files get the code filters (kind "code"); every other text suffix is prose or configuration.
+CODE_SUFFIXES = frozenset({".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".js", ".ts", ".java", ".go", ".rs",
+                           ".rb", ".sh", ".pl", ".lua", ".scala", ".kt", ".swift", ".cs", ".php", ".sql", ".r", ".m"})
+TEXT_SUFFIXES = CODE_SUFFIXES | {".txt", ".md", ".rst", ".markdown", ".html", ".htm", ".tex", ".org", ".adoc",
+                                 ".json", ".yaml", ".yml", ".toml", ".cfg"}
 SOURCE_TYPES = ("dir", "jsonl", "parquet", "stdlib", "hf")
 
 
@@ -54,8 +58,8 @@ class SourceSpec:
     dataset: str = ""           # hf: dataset id
     split: str = "train"        # hf: split
     limit: int = 0              # hf: read at most this many rows (0: all)
-    max_line_chars: int = 100_000   # a line longer than this quarantines the document (minified, data blobs)
-    max_doc_chars: int = 5_000_000
+    max_line_chars: int = 100_000   # a longer line quarantines the document (minified, data blobs); 0: no limit
+    max_doc_chars: int = 5_000_000  # 0: no limit
 
 
 @dataclass
@@ -89,9 +93,7 @@ def plan_units(index: int, spec: SourceSpec, files_per_unit: int = 64) -> list[U
     if kind == "hf":
         return [Unit(f"{index:03d}-00000", index, [spec.dataset])]
     if kind == "stdlib":
-        from .corpus import stdlib_files
-
-        files = [str(p) for p in stdlib_files(spec.path.partition(":")[2] or "all")]
+        files = [str(p) for p in stdlib_files(stdlib_split(spec.path))]
     elif kind == "dir":
         root = Path(spec.path)
         if not root.is_dir():
@@ -120,9 +122,10 @@ def _kind_for(spec: SourceSpec, path: str) -> str:
 def _check_text(text: str, spec: SourceSpec) -> str | None:
     if not text.strip():
         return "empty"
-    if len(text) > spec.max_doc_chars:
+    if spec.max_doc_chars and len(text) > spec.max_doc_chars:
         return "document too large"
-    if len(text) > spec.max_line_chars and max(map(len, text.splitlines())) > spec.max_line_chars:
+    if spec.max_line_chars and len(text) > spec.max_line_chars \
+            and max(map(len, text.splitlines())) > spec.max_line_chars:
         return "huge single line"
     return None
 
@@ -130,9 +133,26 @@ def _check_text(text: str, spec: SourceSpec) -> str | None:
 PREVIEW = 20_000   # characters of a rejected document kept in rejected/ (enough to judge why it went)
 
 
-def _read_file(spec: SourceSpec, path: str, doc_id: str) -> Doc | Rejected:
-    from .corpus import read_text
+def read_text(path) -> tuple[str | None, str, bytes]:
+    """(text, "", raw bytes) for a readable UTF-8 text file; otherwise (None, why, what could be read), why being
+    unreadable (...), empty, binary or invalid utf-8 (with the offending byte's offset)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        return None, f"unreadable ({e.strerror})", b""
+    if not raw.strip():
+        return None, "empty", raw
+    if b"\x00" in raw[:8192]:
+        return None, "binary", raw
+    try:
+        return raw.decode("utf-8"), "", raw
+    except UnicodeDecodeError as e:
+        return None, f"invalid utf-8 at byte {e.start}", raw
 
+
+def read_file(spec: SourceSpec, path, doc_id: str) -> Doc | Rejected:
+    """One text file as one document."""
+    path = str(path)
     text, why, raw = read_text(path)
     if why == "binary":
         return Rejected(doc_id, why, path, raw[:200].decode("latin-1"))
@@ -164,9 +184,11 @@ def _row(spec: SourceSpec, row, location: str, default_id: str) -> Doc | Rejecte
                location)
 
 
-def _read_jsonl(spec: SourceSpec, path: str) -> Iterator[Doc | Rejected]:
+def read_jsonl(spec: SourceSpec, path) -> Iterator[Doc | Rejected]:
+    """One document per line of a JSONL file (gzipped when it ends in .gz)."""
     import gzip
 
+    path = str(path)
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -184,9 +206,11 @@ def _read_jsonl(spec: SourceSpec, path: str) -> Iterator[Doc | Rejected]:
             yield _row(spec, row, loc, loc)
 
 
-def _read_parquet(spec: SourceSpec, path: str) -> Iterator[Doc | Rejected]:
+def read_parquet(spec: SourceSpec, path) -> Iterator[Doc | Rejected]:
+    """One document per row of a Parquet file."""
     import pyarrow.parquet as pq
 
+    path = str(path)
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a damaged file
@@ -221,6 +245,18 @@ def _read_hf(spec: SourceSpec) -> Iterator[Doc | Rejected]:
         yield _row(spec, row, loc, loc)
 
 
+def read_stdlib(spec: SourceSpec, path) -> Iterator[Doc | Rejected]:
+    """One entry of `stdlib_files`: a .py file, or PYDOC_TOPICS (every pydoc topic text)."""
+    if path != PYDOC_TOPICS:
+        yield read_file(spec, path, stdlib_doc_id(path))
+        return
+    for doc_id, text in pydoc_topics():
+        bad = _check_text(text, spec)
+        yield Rejected(doc_id, bad, PYDOC_TOPICS, text[:PREVIEW]) if bad else \
+            Doc(doc_id, text, spec.name, spec.domain or spec.name, spec.kind if spec.kind != "auto" else "text",
+                PYDOC_TOPICS)
+
+
 def read_unit(spec: SourceSpec, unit: Unit) -> Iterator[Doc | Rejected]:
     kind = infer_type(spec)
     if kind == "hf":
@@ -228,19 +264,10 @@ def read_unit(spec: SourceSpec, unit: Unit) -> Iterator[Doc | Rejected]:
         return
     for path in unit.files:
         if kind == "jsonl":
-            yield from _read_jsonl(spec, path)
+            yield from read_jsonl(spec, path)
         elif kind == "parquet":
-            yield from _read_parquet(spec, path)
+            yield from read_parquet(spec, path)
         elif kind == "stdlib":
-            from .corpus import PYDOC_TOPICS, pydoc_topics, stdlib_doc_id
-
-            if path == PYDOC_TOPICS:
-                for doc_id, text in pydoc_topics():
-                    bad = _check_text(text, spec)
-                    yield Rejected(doc_id, bad, PYDOC_TOPICS, text[:PREVIEW]) if bad else \
-                        Doc(doc_id, text, spec.name, spec.domain or spec.name,
-                            spec.kind if spec.kind != "auto" else "text", PYDOC_TOPICS)
-            else:
-                yield _read_file(spec, path, stdlib_doc_id(path))
+            yield from read_stdlib(spec, path)
         else:
-            yield _read_file(spec, path, str(Path(path).relative_to(spec.path)))
+            yield read_file(spec, path, str(Path(path).relative_to(spec.path)))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.contamination import NGramIndex, build_ngram_index
+from ..data.dataset import is_dataset, read_dataset
 
 _WS = re.compile(r"\s+")
 
@@ -35,20 +36,18 @@ def _substring_hashes(text: str, width: int = 50) -> np.ndarray:
 def training_dataset(lineage: dict) -> Path | None:
     """The curated dataset folder a model was trained on, when its fmkit.json lineage names one."""
     p = lineage.get("dataset")
-    if p and (Path(p) / "manifest.json").is_file():
+    if p and is_dataset(p):
         return Path(p)
     shards = lineage.get("shards")
     if shards and (Path(shards) / "index.json").is_file():
         src = json.loads((Path(shards) / "index.json").read_text()).get("source", "")
-        if src and (Path(src) / "manifest.json").is_file():
+        if src and is_dataset(src):
             return Path(src)
     return None
 
 
 class ContaminationChecker:
     def __init__(self, dataset: Path, n: int = 13, width: int = 50):
-        from ..data.curate import read_dataset
-
         self.dataset, self.width = Path(dataset), width
         npy = self.dataset / f"ngrams-{n}.npy"
         self.ngrams = NGramIndex.load(npy if npy.is_file() else build_ngram_index(self.dataset, n))

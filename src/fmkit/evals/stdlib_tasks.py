@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import random
 
-from ..data.corpus import STDLIB_VAL_MODULES, stdlib_files
+from ..data.stdlib import STDLIB_VAL_MODULES, stdlib_files
 
 
 def stdlib_functions(split: str):

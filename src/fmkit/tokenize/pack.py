@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.corpus import CorpusStats, dataset_id, iter_documents, require_documents
+from ..data.corpus import CorpusStats, iter_documents, require_documents
+from ..data.dataset import dataset_id
 from ..errors import FmkitError
 from ..progress import progress_bar
 from ..workspace import Workspace, read_manifest, write_manifest

@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..data.corpus import CorpusStats, dataset_id, iter_documents, require_documents
+from ..data.corpus import CorpusStats, iter_documents, require_documents
+from ..data.dataset import dataset_id
 from ..errors import FmkitError
 from ..workspace import Workspace, write_manifest
 
