@@ -9,6 +9,8 @@ import pytest
 os.environ.setdefault("FMKIT_QUIET", "1")
 # the compiled decoding step is built into a fresh cache, so the tests build it themselves rather than reuse one
 os.environ.setdefault("FMKIT_CACHE_DIR", tempfile.mkdtemp(prefix="fmkit-test-cache-"))
+# verbs called without a workspace use the default one: a temporary folder, never ./fmkit-workspace in the checkout
+os.environ.setdefault("FMKIT_WORKSPACE", tempfile.mkdtemp(prefix="fmkit-test-ws-"))
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def test_user_mistakes_are_one_line(tmp_path, shards_dir):
     _one_line_error(fmkit("pretrain", f"--data.shards={shards_dir}", "--model.preset=tiny", "--train.seq_len=4096",
                           f"--workspace={tmp_path}", "--model.overrides.max_position_embeddings=64"),
                     "above the model's 64 positions")
-    _one_line_error(fmkit("generate", str(tmp_path / "nope")), "not a model folder")
+    _one_line_error(fmkit("generate", str(tmp_path / "nope")), "no such folder")
 
 
 def test_pickle_checkpoint_is_refused_on_the_command_line(tmp_path, tokenizer_dir):
@@ -56,7 +56,7 @@ def test_pipeline_through_the_cli_records_lineage(tmp_path):
     ws = ["--workspace", str(tmp_path)]
     assert fmkit("tokenizer", "train", "stdlib:val", "--vocab-size", "400", "--out", str(tmp_path / "t"),
                  *ws).returncode == 0
-    packed = fmkit("pack", "stdlib:val", "-t", str(tmp_path / "t"), "--out", str(tmp_path / "s"), *ws)
+    packed = fmkit("pack", "stdlib:val", str(tmp_path / "t"), "--out", str(tmp_path / "s"), *ws)
     assert packed.returncode == 0 and "tokens from 14 documents" in packed.stdout
     trained = fmkit("pretrain", f"--data.shards={tmp_path / 's'}", "--model.preset=tiny", "--train.steps=2",
                     "--train.seq_len=32", "--train.batch_size=2", f"--workspace={tmp_path}", "--name=cli")
@@ -65,7 +65,7 @@ def test_pipeline_through_the_cli_records_lineage(tmp_path):
     assert gen.returncode == 0 and gen.stdout.startswith("def ")
     assert re.search(r"--- \[\d+ tokens, (stop|length), (fp32|bf16)\]", gen.stderr)  # with the dtype auto chose
     bad = fmkit("generate", str(tmp_path / "models" / "cli"), "--dtype", "fp16")
-    _one_line_error(bad, "dtype must be auto, fp32 or bf16")
+    _one_line_error(bad, "'fp16' is not one of 'auto', 'fp32', 'bf16'")
     listing = fmkit("registry", *ws)
     assert listing.returncode == 0
     for kind in ("tokenizer-", "shards-", "model-", "run-pretrain-"):

@@ -1,4 +1,4 @@
-from fmkit.quickstart import quickstart
+from fmkit.lifecycle import quickstart
 from fmkit.train.metrics import read_metrics
 from fmkit.workspace import Workspace
 

@@ -69,7 +69,7 @@ def test_citations_checked_against_retrieved_chunks(corpus):
         prompts.append(prompt)
         return "It was painted orange in 1887 [1], as the logbook says [9]."
 
-    result = rag.ask(corpus["index"], "When was the Varnholm lighthouse painted?", k=3, generate=generate)
+    result = rag.ask(corpus["index"], "When was the Varnholm lighthouse painted?", k=3, model=generate)
     assert result["answer"].startswith("It was painted") and result["citations"] == [1]
     assert result["invalid_citations"] == [9]
     assert "[1]" in prompts[0] and "[3]" in prompts[0] and "[4]" not in prompts[0]
@@ -79,7 +79,7 @@ def test_citations_checked_against_retrieved_chunks(corpus):
         def generate(self, requests):
             return [f"Orange [2, 3] and [0] ({len(r.prompt) > 0})" for r in requests]
 
-    result = rag.ask(corpus["index"], "When was the Varnholm lighthouse painted?", k=3, generate=Cites())
+    result = rag.ask(corpus["index"], "When was the Varnholm lighthouse painted?", k=3, model=Cites())
     assert result["citations"] == [2, 3] and result["invalid_citations"] == [0]
 
 
@@ -172,9 +172,11 @@ def test_missing_or_empty_index_is_one_sentence(tmp_path):
 
 
 def test_user_mistakes_are_fmkit_errors(tmp_path):
-    assert rag.parse_pairs(["lang=en", "tag=a", "tag=b", "q=x=y"]) == {"lang": "en", "tag": ["a", "b"], "q": "x=y"}
+    from fmkit.cli import pairs
+
+    assert pairs(["lang=en", "tag=a", "tag=b", "q=x=y"], "--meta") == {"lang": "en", "tag": ["a", "b"], "q": "x=y"}
     with pytest.raises(FmkitError, match="key=value"):
-        rag.parse_pairs(["lang"])
+        pairs(["lang"], "--meta")
     with pytest.raises(FmkitError, match="does not exist"):
         rag.index(tmp_path / "missing", tmp_path / "index")
     (tmp_path / "a.txt").write_text("hello")

@@ -69,7 +69,7 @@ def test_adapter_base_comes_from_peft_config_without_fmkit_json_and_base_overrid
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("no/such/folder", "no such folder, and not openai:NAME, anthropic:NAME or hf:ORG/NAME"),
+    ("no/such/folder", "no such folder .*and not openai:NAME, anthropic:NAME or hf:ORG/NAME"),
     ("gpt:4", "unknown prefix 'gpt:'"),
     ("openai:", "names no model"),
     ("hf:a/b/c", "not a hub id"),

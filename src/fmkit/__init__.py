@@ -1,8 +1,14 @@
-"""fmkit: the foundation-model lifecycle in one toolkit. The Python API mirrors the CLI verbs."""
+"""fmkit: the foundation-model lifecycle in one toolkit.
+
+Every command-line verb is a function here with the same arguments (the table in verbs.py): `fmkit.pretrain(...)`,
+`fmkit.finetune(...)`, `fmkit.evaluate(...)`, `fmkit.chat(...)`, ... Names are imported on first use, so
+`import fmkit` stays fast and does not import torch.
+"""
 import logging
 import warnings
 
 from .errors import FmkitError
+from .verbs import VERBS, by_python_name
 
 __version__ = "0.1.0"
 
@@ -13,54 +19,28 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # fmkit's verbs, nothing they can act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
-__all__ = ["FmkitError", "quickstart", "curate", "curate_report", "build_ngram_index", "NGramIndex",
-           "evaluate", "get_model", "finetune", "merge", "validate_jsonl",
-           "train_tokenizer", "pack", "pretrain", "generate", "load_model",
-           "Workspace"]
+# The rest of the Python API: building blocks the verbs are made of.
+API = {
+    "Workspace": "fmkit.workspace:Workspace",
+    "resolve": "fmkit.models.reference:resolve",
+    "load_model": "fmkit.models.io:load_model",
+    "Generator": "fmkit.models.generate:Generator",
+    "Chat": "fmkit.conversation:Chat",
+    "get_model": "fmkit.providers:get_model",
+    "validate_jsonl": "fmkit.adapt.chat_data:validate_jsonl",
+    "NGramIndex": "fmkit.data.contamination:NGramIndex",
+}
+
+__all__ = ["FmkitError", *(v.python_name for v in VERBS), *API]
 
 
 def __getattr__(name: str):
-    # Lazy: `import fmkit` stays fast and does not import torch until a verb is used.
-    if name == "quickstart":
-        from .quickstart import quickstart
-        return quickstart
-    if name == "curate":
-        from .data.curate import curate
-        return curate
-    if name == "curate_report":
-        from .data.report import curate_report
-        return curate_report
-    if name in ("build_ngram_index", "NGramIndex"):
-        from .data import contamination
-        return getattr(contamination, name)
-    if name in ("finetune", "merge"):
-        from .adapt import finetune as ft
-        return getattr(ft, name)
-    if name == "validate_jsonl":
-        from .adapt.chat_data import validate_jsonl
-        return validate_jsonl
-    if name == "evaluate":
-        from .evals.runner import evaluate
-        return evaluate
-    if name == "get_model":
-        from .providers import get_model
-        return get_model
-    if name == "train_tokenizer":
-        from .tokenize.tokenizer import train_tokenizer
-        return train_tokenizer
-    if name == "pack":
-        from .tokenize.pack import pack
-        return pack
-    if name == "pretrain":
-        from .train.pretrain import pretrain
-        return pretrain
-    if name == "generate":
-        from .generate import generate
-        return generate
-    if name == "load_model":
-        from .models.io import load_model
-        return load_model
-    if name == "Workspace":
-        from .workspace import Workspace
-        return Workspace
+    import importlib
+
+    verb = by_python_name(name)
+    if verb is not None:
+        return verb.function
+    if name in API:
+        module, attr = API[name].split(":")
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'fmkit' has no attribute {name!r}")

@@ -1,371 +1,342 @@
-"""The `fmkit` command: a thin table of verbs over the Python API (each verb is one function call)."""
+"""The `fmkit` command, generated from the verb table (verbs.py): each verb's Python signature is its command line.
+
+A parameter without a default is a positional argument; one with a default is an option (`lora_r` -> `--lora-r`,
+a bool -> a flag, a list -> a repeatable option, a dict -> repeatable `key=value`, a Literal -> a choice). Help comes
+from the function's docstring: the summary for the verb, the `Args:` lines for its parameters. Parameters whose
+type has no command-line form (callables, objects) are for Python callers only and must have defaults. Every
+command also takes `--json`, which prints the verb's return value as JSON instead of the usual summary.
+
+Commands are built when used, so `fmkit VERB` imports that verb's module only.
+"""
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
+import re
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import List, Optional
 
-import typer
+import click
 
 from .errors import FmkitError
+from .verbs import GROUPS, VERBS, Verb
 
-app = typer.Typer(help="fmkit: curate, tokenize, pre-train, adapt, evaluate and serve foundation models.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-tokenizer_app = typer.Typer(help="Train byte-level BPE tokenizers.", no_args_is_help=True)
-app.add_typer(tokenizer_app, name="tokenizer")
-
-WORKSPACE = typer.Option(None, "--workspace", "-w", help="Workspace folder (default $FMKIT_WORKSPACE or "
-                         "./fmkit-workspace).")
+CLI_ONLY = ("json_output",)   # parameters every command has that no function does
 
 
-@app.command()
-def quickstart(workspace: Optional[Path] = WORKSPACE,
-               steps: Optional[int] = typer.Option(None, help="Training steps (default: the tiny recipe's 500)."),
-               vocab_size: int = typer.Option(4096, help="Tokenizer vocabulary size.")):
-    """Build a tiny foundation model end to end on the local Python standard library (a few minutes on a CPU).
+def parse_doc(doc: str | None) -> tuple[str, dict[str, str]]:
+    """(help text before `Args:`, {parameter: its one-line help}) from a Google-style docstring."""
+    text = inspect.cleandoc(doc or "")
+    body, _, args = text.partition("\nArgs:\n")
+    helps: dict[str, str] = {}
+    name = None
+    for line in args.splitlines():
+        m = re.match(r"^\s{2,6}(\w+):\s*(.*)$", line)
+        if m:
+            name = m.group(1)
+            helps[name] = m.group(2).strip()
+        elif name and line.strip() and not re.match(r"^\S", line):
+            helps[name] += " " + line.strip()
+        elif re.match(r"^\S", line):    # the next section (Returns:, ...) ends Args
+            break
+    return body.strip(), helps
 
-    Trains a tokenizer, packs token shards (a fixed set of stdlib modules held out for validation), pre-trains a
-    small Llama-style decoder, reports validation loss / perplexity / bits-per-byte, prints samples, saves a
-    loss-curve PNG and lists every artifact. Re-running after Ctrl-C resumes from the last checkpoint.
-    """
-    from .quickstart import quickstart as run
 
-    run(workspace, steps, vocab_size)
+@dataclasses.dataclass
+class Kind:
+    """How one parameter's Python type appears on the command line."""
+
+    type: object = click.STRING
+    many: bool = False      # list: repeatable option / several positional values
+    flag: bool = False      # bool
+    pairs: bool = False     # dict: repeatable key=value
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def curate(ctx: typer.Context,
-           target: str = typer.Argument(..., metavar="RECIPE.yaml | report DATASET | ngrams DATASET",
-                                        help="A curation recipe to run; or `report DATASET` to summarise a "
-                                        "dataset; or `ngrams DATASET|SHARDS` to build its contamination index."),
-           dataset: Optional[Path] = typer.Argument(None, help="The dataset (or token shards) for report/ngrams."),
-           workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Worker processes (default: the "
-                                                 "recipe's, 0 = one per core)."),
-           fresh: bool = typer.Option(False, "--fresh", help="Ignore finished units of an interrupted run."),
-           n: int = typer.Option(13, "--n", help="ngrams: words (or tokens) per n-gram.")):
-    """Curate raw sources into a dataset: filter, deduplicate, redact PII, score toxicity, balance domains.
+def cli_kind(annotation) -> Kind | None:
+    """The command-line form of a type hint, or None when it has none (a Python-only parameter)."""
+    members = [a for a in typing.get_args(annotation) if a is not type(None)] \
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) else [annotation]
+    for a in members:
+        origin = typing.get_origin(a)
+        if origin in (list, tuple):
+            inner = cli_kind((typing.get_args(a) or (str,))[0])
+            return dataclasses.replace(inner, many=True) if inner else None
+        if origin is dict or a is dict:
+            return Kind(pairs=True, many=True)
+        if origin is typing.Literal:
+            return Kind(click.Choice([str(x) for x in typing.get_args(a)]))
+    for a in (str, int, float, bool, Path):   # str before Path: references like openai:NAME stay as typed
+        if a in members:
+            return Kind(flag=True) if a is bool else Kind({str: click.STRING, int: click.INT, float: click.FLOAT,
+                                                           Path: click.Path(path_type=Path)}[a])
+    return None
 
-    fmkit curate RECIPE.yaml [--section.key=value ...]: Parquet shards, manifest.json and rejected/.
 
-    fmkit curate report DATASET: the accounting as tables, plus report.png and report.html.
+def pairs(values, option: str) -> dict:
+    """`["lang=en", "team=infra"]` -> `{"lang": "en", "team": "infra"}`; a key given twice collects a list."""
+    out: dict = {}
+    for pair in values:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise FmkitError(f"{option} takes key=value, got {pair!r}")
+        key = key.strip()
+        out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value] if key in out else value
+    return out
 
-    fmkit curate ngrams DATASET|SHARDS: a 13-gram index for contamination checks.
 
-    An interrupted run continues from its finished units when run again (--fresh starts over).
-    """
+def option_names(verb: Verb, param: str) -> list[str]:
+    return list(verb.flags.get(param) or ["--" + param.replace("_", "-")])
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t` as typed in a shell, as the characters they stand for (other text unchanged)."""
+    return text.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+
+
+def command(verb: Verb) -> click.Command:
+    """The click command for one verb, read off its function."""
+    fn = verb.function
+    sig = inspect.signature(fn)
+    hints = typing.get_type_hints(fn)
+    summary, helps = parse_doc(fn.__doc__)
+    params, kinds, arg_help = [], {}, []
+    names = list(sig.parameters)
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name == verb.overrides:
+            continue
+        kind = cli_kind(hints.get(p.name, str))
+        if kind is None:
+            continue
+        kinds[p.name] = kind
+        help_ = helps.get(p.name, "")
+        positional = p.default is p.empty or (verb.overrides and names.index(p.name) < names.index(verb.overrides))
+        if positional:
+            required = p.default is p.empty
+            params.append(click.Argument([p.name], type=kind.type, nargs=-1 if kind.many else 1, required=required,
+                                         default=None if required else p.default))
+            arg_help.append((p.name.upper() + ("..." if kind.many else ""), help_))
+            continue
+        decls = option_names(verb, p.name)
+        if p.name == "workspace":
+            decls.append("-w")
+        default = p.default
+        if kind.flag:
+            if default:
+                decls = [f"{decls[0]}/--no-{decls[0][2:]}"] + decls[1:]
+            params.append(click.Option([*decls, p.name], is_flag=True, default=bool(default), help=help_))
+            continue
+        if kind.many:
+            default = () if default is None else tuple(default) if isinstance(default, (list, tuple)) else (default,)
+            if kind.pairs:
+                help_ += " (key=value; repeatable)"
+        params.append(click.Option([*decls, p.name], type=kind.type, multiple=kind.many, default=default, help=help_,
+                                   show_default=default not in (None, (), "")))
+    params.append(click.Option(["--json", "json_output"], is_flag=True, help="Print the result as JSON."))
+    if verb.overrides:
+        help_ = helps.get(verb.overrides, "Recipe overrides: --section.key=value")
+        arg_help.append(("--SECTION.KEY=VALUE...", help_))
+    text = summary
+    if arg_help:
+        width = max(len(n) for n, _ in arg_help) + 2
+        text += "\n\n\b\nArguments:\n" + "\n".join(f"  {n.ljust(width)}{h}" for n, h in arg_help)
+
+    def run(json_output: bool = False, **kw):
+        ctx = click.get_current_context()
+        for name, kind in kinds.items():
+            if kind.many and name in kw:
+                default = sig.parameters[name].default
+                values = list(kw[name])
+                if kind.pairs:
+                    kw[name] = pairs(values, option_names(verb, name)[0]) if values else default
+                else:
+                    kw[name] = values if values or default is not None else None
+        for name in verb.unescape:
+            kw[name] = [unescape(s) for s in kw[name]] if isinstance(kw[name], list) else kw[name]
+        if verb.overrides:
+            extra = list(ctx.args)
+            first = names[names.index(verb.overrides) - 1]
+            if isinstance(kw.get(first), str) and kw[first].startswith("--"):   # no recipe: an override landed here
+                extra.insert(0, kw.pop(first))
+            kw[verb.overrides] = extra
+        result = fn(**kw)
+        if json_output:
+            click.echo(json.dumps(result, indent=2, default=_jsonable, ensure_ascii=False))
+        else:
+            show(verb, result, kw)
+
+    settings = {"ignore_unknown_options": True, "allow_extra_args": True} if verb.overrides else {}
+    return click.Command(verb.name.split()[-1], callback=run, params=params, help=text, context_settings=settings,
+                         short_help=summary.split("\n")[0].rstrip("."), no_args_is_help=any(
+                             isinstance(p, click.Argument) and p.required for p in params))
+
+
+def _jsonable(x):
+    if dataclasses.is_dataclass(x):
+        return dataclasses.asdict(x)
+    if isinstance(x, (Path, set)):
+        return str(x) if isinstance(x, Path) else sorted(x)
+    return repr(x)
+
+
+class Group(click.Group):
+    """A group of verbs built on demand from the table; `default` runs when the first word names no sub-verb."""
+
+    def __init__(self, name: str, verbs: list[Verb], **kw):
+        super().__init__(name, **kw)
+        self.verbs = {v.name.split()[-1] if v.group == name else v.name.split()[0]: v for v in verbs}
+        self.default = next((v.name.split()[-1] for v in verbs if v.default and v.group == name), None)
+
+    def list_commands(self, ctx):
+        return list(self.verbs)
+
+    def get_command(self, ctx, name):
+        v = self.verbs.get(name)
+        if v is None:
+            return None
+        if v.group and v.group != self.name:   # a sub-group of the top level
+            return Group(v.group, [x for x in VERBS if x.group == v.group], help=GROUPS.get(v.group, ""),
+                         no_args_is_help=True)
+        return command(v)
+
+    def parse_args(self, ctx, args):
+        if self.default and args and args[0] not in self.verbs and args[0] not in ("--help", "-h"):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+def _top_level() -> list[Verb]:
+    """One entry per top-level word: a plain verb, or the first verb of a group standing for it."""
+    seen, out = set(), []
+    for v in VERBS:
+        word = v.name.split()[0]
+        if word not in seen:
+            seen.add(word)
+            out.append(v)
+    return out
+
+
+app = Group("fmkit", _top_level(), help="fmkit: curate, tokenize, pre-train, adapt, evaluate and serve foundation "
+            "models. Each verb is also a Python function: fmkit.VERB(...) takes the same arguments.",
+            no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+
+
+# ---- how each verb's result is shown (the function returns it; --json prints it whole) --------------------------
+def _echo(line: str = "", err: bool = False) -> None:
+    click.echo(line, err=err)
+
+
+def _saved(what: str):
+    return lambda result, kw: _echo(f"{what} saved to {result}")
+
+
+def _artifact(result, kw) -> None:
+    from .workspace import read_manifest
+
+    _echo(f"{read_manifest(result).get('kind', 'model')} saved to {result}")
+
+
+def _curated(path, kw) -> None:
     from .progress import report as console
 
-    if target in ("report", "ngrams"):
-        if dataset is None:
-            raise FmkitError(f"fmkit curate {target} needs a DATASET folder")
-        if target == "report":
-            from .data.report import curate_report
-
-            png, page = curate_report(dataset)
-            typer.echo(f"report: {png} and {page}")
-        else:
-            from .data.contamination import build_ngram_index
-
-            path = build_ngram_index(dataset, n)
-            typer.echo(f"{n}-gram index written to {path}")
-        return
-    from .data.curate import curate as run
-
-    path = run(target, list(ctx.args) + ([str(dataset)] if dataset else []), workers=workers, resume=not fresh)
-    import json
-
-    m = json.loads((path / "manifest.json").read_text())
+    m = json.loads((Path(path) / "manifest.json").read_text())
     for s in m["sources"]:
         console.print(f"{s['name']}: {s['documents_in']:,} in, {s['kept']:,} kept, {s['rejected']:,} rejected "
                       + (f"({', '.join(f'{k} {v}' for k, v in list(s['rejected_by'].items())[:5])})"
                          if s["rejected"] else ""), highlight=False)
-    typer.echo(f"{m['output']['documents']:,} documents, {m['output']['tokens']:,} tokens in {path} "
-               f"({m['seconds']} s); details: fmkit curate report {path}")
+    _echo(f"{m['output']['documents']:,} documents, {m['output']['tokens']:,} tokens in {path} ({m['seconds']} s); "
+          f"details: fmkit curate report {path}")
 
 
-@app.command("eval", context_settings={"allow_extra_args": False})
-def eval_(target: str = typer.Argument(..., metavar="MODEL | report RUN",
-                                       help="A model folder, openai:NAME or anthropic:NAME; or `report RUN`."),
-          tasks: List[str] = typer.Argument(None, help="Task YAML files or built-in task names "
-                                            "(stdlib_docstring_to_name, humaneval); for report: the run folder."),
-          limit: int = typer.Option(0, help="Evaluate the first N items of each task (0: all)."),
-          num_fewshot: Optional[int] = typer.Option(None, help="Override each task's few-shot count."),
-          batch_size: int = typer.Option(16, help="Local models: sequences per forward pass."),
-          base_url: str = typer.Option("", help="OpenAI-compatible server URL (e.g. http://localhost:8000/v1)."),
-          api_key: str = typer.Option("", help="API key (default: $OPENAI_API_KEY / $ANTHROPIC_API_KEY)."),
-          cache: Optional[Path] = typer.Option(None, help="SQLite response cache for remote models."),
-          concurrency: int = typer.Option(4, help="Remote models: requests in flight."),
-          prices: Optional[Path] = typer.Option(None, help="Price table YAML for cost accounting."),
-          out: Optional[Path] = typer.Option(None, help="Run folder (default <workspace>/evals/MODEL-TIME)."),
-          no_contamination: bool = typer.Option(False, "--no-contamination", help="Skip the training-data check."),
-          workspace: Optional[Path] = WORKSPACE):
-    """Evaluate a model on tasks: results.json (metrics with standard errors) and samples.jsonl (per item).
+def _packed(path, kw) -> None:
+    index = json.loads((Path(path) / "index.json").read_text())
+    _echo(f"{index['tokens']:,} tokens from {index['documents']:,} documents ({index['dtype']}) in {path}"
+          + (f"; skipped: {index['skipped']}" if index["skipped"] else ""))
 
-    fmkit eval MODEL TASK [TASK ...]; fmkit eval report RUN prints the table and writes report.html.
-    """
-    if target == "report":
-        from .evals.report import eval_report
 
-        if not tasks:
-            raise FmkitError("fmkit eval report needs the run folder")
-        page = eval_report(tasks[0])
-        typer.echo(f"report: {page}")
-        return
-    if not tasks:
-        raise FmkitError("name at least one task: a YAML file or a built-in name such as stdlib_docstring_to_name")
+def _evaluated(run, kw) -> None:
     from .evals.report import print_results
-    from .evals.runner import evaluate
 
-    kw = {"base_url": base_url, "api_key": api_key, "cache": cache, "concurrency": concurrency, "prices": prices} \
-        if ":" in target and not Path(target).exists() else {}
-    run = evaluate(target, tasks, out=out, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                   workspace=workspace, contamination=not no_contamination, **kw)
     print_results(run)
-    typer.echo(f"results: {run / 'results.json'}, samples: {run / 'samples.jsonl'}")
+    _echo(f"results: {run / 'results.json'}, samples: {run / 'samples.jsonl'}")
 
 
-TEMPLATE = typer.Option("chat", help="How conversations become text: chat (the model's own chat template; fmkit's "
-                        "for fmkit models without one), fmkit (role headers), none (texts back to back), or a "
-                        ".jinja file.")
+def _generated(completions, kw) -> None:
+    prompts = kw["prompts"] if isinstance(kw["prompts"], list) else [kw["prompts"]]
+    for p, c in zip(prompts, completions):
+        _echo(p + c.text)
+        _echo(f"--- [{len(c.tokens)} tokens, {c.finish_reason}, {c.dtype}]", err=True)
 
 
-@app.command()
-def finetune(model: Path = typer.Argument(..., help="Base model folder (fmkit's or any transformers causal LM)."),
-             data: Path = typer.Argument(..., help="Chat JSONL ({\"messages\": [...]}) or prompt/completion JSONL."),
-             out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/models/NAME-lora|ft)."),
-             lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter instead of all weights."),
-             qlora: bool = typer.Option(False, "--qlora", help="LoRA on the base loaded in 4-bit NF4 "
-                                        "(bitsandbytes; GPU if there is one, else CPU)."),
-             lora_r: int = typer.Option(8, help="LoRA rank."),
-             lora_alpha: int = typer.Option(16, help="LoRA alpha (scale = alpha / r)."),
-             target: List[str] = typer.Option([], "--target", help="LoRA target module; repeatable "
-                                              "(default q_proj k_proj v_proj o_proj)."),
-             steps: int = typer.Option(100, help="Optimizer steps."),
-             lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 2e-4 LoRA, 3e-5 full)."),
-             batch_size: int = typer.Option(8, help="Examples per micro-batch."),
-             grad_accum: int = typer.Option(1, help="Micro-batches per step."),
-             max_len: int = typer.Option(0, help="Token limit per example (default: the model's context)."),
-             on_long: str = typer.Option("truncate", help="Examples over max-len: truncate or drop (counted)."),
-             val_data: Optional[Path] = typer.Option(None, help="Held-out JSONL for validation loss."),
-             seed: int = typer.Option(0, help="Seed for example order."),
-             resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
-             template: str = TEMPLATE,
-             workspace: Optional[Path] = WORKSPACE):
-    """Fine-tune a model (full or LoRA) on chat data, with the loss on assistant replies only.
-
-    The data is validated first; problems are listed as file:line. Uses the same training loop as pretrain
-    (checkpoints, --resume, metrics.jsonl, TensorBoard).
-    """
-    from .adapt.finetune import finetune as run
-
-    path = run(model, data, out, lora=lora, qlora=qlora, lora_r=lora_r, lora_alpha=lora_alpha,
-               lora_targets_=list(target) or None, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-               max_len=max_len, on_long=on_long, val_data=val_data, seed=seed, resume=resume, workspace=workspace,
-               template=template)
-    typer.echo(f"{'adapter' if lora or qlora else 'model'} saved to {path}")
-
-
-@app.command()
-def dpo(model: Path = typer.Argument(..., help="Model folder to align (usually after SFT)."),
-        data: Path = typer.Argument(..., help="Preference JSONL: prompt/chosen/rejected, or OpenAI's preference "
-                                    "format (input, preferred_output, non_preferred_output)."),
-        out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/models/NAME-dpo)."),
-        beta: float = typer.Option(0.1, help="DPO beta: how far the policy may move from the reference."),
-        lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter (the reference is the base)."),
-        steps: int = typer.Option(100, help="Optimizer steps."),
-        lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 5e-5 LoRA, 5e-6 full)."),
-        batch_size: int = typer.Option(4, help="Pairs per step."),
-        seed: int = typer.Option(0, help="Seed for pair order."),
-        template: str = TEMPLATE,
-        workspace: Optional[Path] = WORKSPACE):
-    """Direct Preference Optimization on chosen/rejected pairs; logs reward accuracy and margins."""
-    from .adapt.dpo import dpo as run
-
-    path = run(model, data, out, beta, lora, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-               workspace=workspace, template=template)
-    typer.echo(f"{'adapter' if lora else 'model'} saved to {path}")
-
-
-@app.command()
-def classify(encoder: str = typer.Argument(..., help="Encoder folder, or `minilm` for the packaged all-MiniLM-L6-v2."),
-             data: Path = typer.Argument(..., help="JSONL with text and label fields."),
-             out: Optional[Path] = typer.Option(None, help="Output folder."),
-             lora: bool = typer.Option(False, "--lora", help="LoRA on the encoder (head trained in full)."),
-             steps: int = typer.Option(100, help="Optimizer steps."),
-             lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3 LoRA, 5e-5 full)."),
-             batch_size: int = typer.Option(16, help="Examples per step."),
-             workspace: Optional[Path] = WORKSPACE):
-    """Train a classification head on an encoder (full or LoRA); predict with fmkit.adapt.classify.predict."""
-    from .adapt.classify import train_classifier
-
-    typer.echo(f"classifier saved to {train_classifier(encoder, data, out, lora, steps=steps, lr=lr, batch_size=batch_size, workspace=workspace)}")
-
-
-@app.command()
-def merge(adapter: Path = typer.Argument(..., help="LoRA adapter folder (fmkit finetune --lora)."),
-          out: Path = typer.Argument(..., help="Where to write the merged model folder."),
-          base: Optional[Path] = typer.Option(None, help="Base model (default: the one the adapter names).")):
-    """Fold a LoRA adapter into its base model, giving a plain model folder."""
-    from .adapt.finetune import merge as run
-
-    typer.echo(f"merged model saved to {run(adapter, out, base)}")
-
-
-rag_app = typer.Typer(help="Retrieval-augmented generation over local documents.", no_args_is_help=True)
-app.add_typer(rag_app, name="rag")
-RAG_INDEX = typer.Option(None, "--index", help="Index folder (default: rag/ in the workspace).")
-
-
-@rag_app.command("index")
-def rag_index(docs: Path = typer.Argument(..., help="A file, or a folder of .txt/.md/.rst/.html documents."),
-              index: Optional[Path] = RAG_INDEX,
-              meta: List[str] = typer.Option([], "--meta", help="key=value stored on every chunk; repeatable."),
-              chunk_tokens: int = typer.Option(256, help="Encoder tokens per chunk."),
-              overlap: int = typer.Option(32, help="Tokens shared by neighbouring chunks."),
-              encoder: Optional[Path] = typer.Option(None, help="A local encoder folder (default: the index's own, "
-                                                     "or the bundled all-MiniLM-L6-v2).")):
-    """Chunk, embed and store documents; running it again updates only new and changed documents."""
-    from .adapt.rag import default_index_dir, index as run, parse_pairs
-
-    index = index or default_index_dir()
-    s = run(docs, index, chunk_tokens, overlap, encoder, parse_pairs(meta, "--meta"))
-    typer.echo(f"{s['documents']} documents ({s['changed']} new or changed, {s['unchanged']} unchanged): "
-               f"{s['added']} chunks added, {s['removed']} replaced, {s['chunks']} in {index}")
+def _indexed(s, kw) -> None:
+    _echo(f"{s['documents']} documents ({s['changed']} new or changed, {s['unchanged']} unchanged): "
+          f"{s['added']} chunks added, {s['removed']} replaced, {s['chunks']} in {s['index']}")
     if s["skipped"]:
         names = ", ".join(src for src, _ in s["skipped_files"][:5]) + (", ..." if len(s["skipped_files"]) > 5 else "")
-        typer.echo("skipped: " + ", ".join(f"{n} {why}" for why, n in s["skipped"].items()) + f" ({names})", err=True)
+        _echo("skipped: " + ", ".join(f"{n} {why}" for why, n in s["skipped"].items()) + f" ({names})", err=True)
 
 
-@rag_app.command("ask")
-def rag_ask(question: str = typer.Argument(..., help="The question."),
-            index: Optional[Path] = RAG_INDEX,
-            k: int = typer.Option(5, "--k", help="Chunks to retrieve."),
-            filters: List[str] = typer.Option([], "--filter", help="key=value: only chunks with this metadata; "
-                                              "repeat a key to allow several values."),
-            model: Optional[str] = typer.Option(None, "--model", help="Model folder (or openai:NAME, "
-                                                "anthropic:NAME) that writes a cited answer; without it the top "
-                                                "chunk is the answer."),
-            as_json: bool = typer.Option(False, "--json", help="Print the whole result as JSON.")):
-    """Answer a question from the index: hybrid BM25 + dense retrieval, answer with [n] citations."""
-    import json
-
-    from .adapt.rag import ask as run, default_index_dir, parse_pairs
-
-    generate = None
-    if model:
-        from .providers import get_model
-
-        generate = get_model(model)
-    r = run(index or default_index_dir(), question, k, parse_pairs(filters, "--filter"), generate)
-    if as_json:
-        typer.echo(json.dumps(r, indent=2, ensure_ascii=False))
-        return
-    typer.echo(r["answer"] + "\n")
+def _answered(r, kw) -> None:
+    _echo(r["answer"] + "\n")
     for c in r["chunks"]:
-        typer.echo(f"[{c['rank']}] {c['source']} (chunk {c['chunk']})  fused {c['score']:.4f}  "
-                   f"bm25 #{c['bm25_rank'] or '-'}  dense #{c['dense_rank'] or '-'}")
+        _echo(f"[{c['rank']}] {c['source']} (chunk {c['chunk']})  fused {c['score']:.4f}  "
+              f"bm25 #{c['bm25_rank'] or '-'}  dense #{c['dense_rank'] or '-'}")
     if r["invalid_citations"]:
-        typer.echo(f"warning: the answer cites {', '.join(f'[{n}]' for n in r['invalid_citations'])}, which name no "
-                   "retrieved chunk", err=True)
+        _echo(f"warning: the answer cites {', '.join(f'[{n}]' for n in r['invalid_citations'])}, which name no "
+              "retrieved chunk", err=True)
 
 
-@tokenizer_app.command("train")
-def tokenizer_train(corpus: str = typer.Argument(..., help="stdlib, stdlib:train, a folder, a text file or JSONL."),
-                    out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/tokenizers/NAME)."),
-                    vocab_size: int = typer.Option(8192, help="Vocabulary size, special tokens included."),
-                    sentinels: int = typer.Option(32, help="Span-corruption sentinel tokens to reserve (T5)."),
-                    max_bytes: int = typer.Option(0, help="Train on the first N bytes of text only (0: all)."),
-                    workspace: Optional[Path] = WORKSPACE):
-    """Train a byte-level BPE tokenizer; the folder loads with transformers.AutoTokenizer."""
-    from .tokenize.tokenizer import train_tokenizer
-
-    path = train_tokenizer(corpus, out, vocab_size, sentinels, max_bytes=max_bytes, workspace=workspace)
-    typer.echo(f"tokenizer saved to {path}")
+def _predicted(rows, kw) -> None:
+    for text, (label, p) in zip(kw["texts"], rows):
+        _echo(f"{label}\t{p:.3f}\t{text}")
 
 
-@app.command()
-def pack(corpus: str = typer.Argument(..., help="stdlib, stdlib:train, stdlib:val, a folder, a text file or JSONL."),
-         tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="Tokenizer folder (fmkit tokenizer train)."),
-         out: Optional[Path] = typer.Option(None, help="Output folder (default <workspace>/shards/NAME)."),
-         shard_tokens: int = typer.Option(50_000_000, help="Tokens per shard file."),
-         workspace: Optional[Path] = WORKSPACE):
-    """Tokenize a corpus into flat uint16/uint32 token shards with index.json (read with np.memmap)."""
-    from .tokenize.pack import pack as run
-
-    path = run(corpus, tokenizer, out, shard_tokens, workspace=workspace)
-    import json
-
-    index = json.loads((path / "index.json").read_text())
-    typer.echo(f"{index['tokens']:,} tokens from {index['documents']:,} documents ({index['dtype']}) in {path}"
-               + (f"; skipped: {index['skipped']}" if index["skipped"] else ""))
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def pretrain(ctx: typer.Context,
-             recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (sections: data, model, train)."),
-             resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the "
-                                         "output folder, exactly where it stopped.")):
-    """Pre-train a model from token shards: fmkit pretrain RECIPE.yaml [--section.key=value ...].
-
-    Any recipe key can be overridden, e.g. --train.steps=2000 --train.lr=3e-4 --model.preset=10m
-    --data.shards=PATH. Under torchrun it trains with DDP (default) or FSDP2 (--train.parallel=fsdp).
-    """
-    from .train.pretrain import pretrain as run
-
-    overrides = list(ctx.args)
-    if recipe is not None and str(recipe).startswith("--"):  # no recipe file: the first override landed here
-        overrides, recipe = [str(recipe)] + overrides, None
-    path = run(recipe, overrides, resume=resume)
-    typer.echo(f"model saved to {path}")
-
-
-@app.command()
-def generate(model: str = typer.Argument(..., help="Model reference: a model or adapter folder, or hf:ORG/NAME."),
-             prompt: List[str] = typer.Option(["def "], "--prompt", "-p", help="Prompt; repeat for a batch."),
-             max_new_tokens: int = typer.Option(64, help="Tokens to generate per prompt."),
-             temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
-             top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0: off)."),
-             top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1.0: off)."),
-             stop: List[str] = typer.Option([], "--stop", help="Stop when this string appears; repeatable."),
-             seed: int = typer.Option(0, help="Sampling seed."),
-             dtype: str = typer.Option("auto", help="auto, fp32 or bf16. auto: bf16 on CPUs that multiply bf16 "
-                                       "natively (about twice as fast), else fp32 (exact)."),
-             trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickle weights (can run code).")):
-    """Generate text from a model with a KV cache."""
-    from .models.generate import Generator
-
-    stop = [s.encode().decode("unicode_escape") for s in stop]  # let users type --stop '\n\n'
-    gen = Generator(model, dtype, trust_pickle)
-    if gen.fast is not None and gen.fast.native is None:
-        from .models.native import why_not
-        typer.echo(f"note: decoding steps run in PyTorch, slower: {why_not() or 'unsupported model layout'}", err=True)
-    for p, c in zip(prompt, gen(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed)):
-        typer.echo(p + c.text)
-        typer.echo(f"--- [{len(c.tokens)} tokens, {c.finish_reason}, {gen.dtype}]", err=True)
-
-
-@app.command()
-def registry(kind: Optional[str] = typer.Option(None, help="Only artifacts of this kind (tokenizer, shards, model)."),
-             workspace: Optional[Path] = WORKSPACE):
-    """List the workspace's artifacts and runs with their lineage."""
+def _registry(reg, kw) -> None:
     from rich.table import Table
 
     from .progress import report
-    from .workspace import Workspace
 
-    ws = Workspace(workspace)
-    table = Table(title=f"artifacts in {ws.db_path}")
+    table = Table(title=f"artifacts in {reg['registry']}")
     for col in ("id", "kind", "path", "derived from"):
         table.add_column(col)
-    for a in ws.artifacts(kind):
-        table.add_row(a["id"], a["kind"], a["path"], ", ".join(ws.lineage(a["id"])))
+    for a in reg["artifacts"]:
+        table.add_row(a["id"], a["kind"], a["path"], ", ".join(a["parents"]))
     report.print(table)
     runs = Table(title="runs")
     for col in ("id", "status", "error"):
         runs.add_column(col)
-    for r in ws.runs():
+    for r in reg["runs"]:
         runs.add_row(r["id"], r["status"], r["error"] or "")
     report.print(runs)
+
+
+SHOW = {
+    "curate run": _curated,
+    "curate report": lambda r, kw: _echo(f"report: {r[0]} and {r[1]}"),
+    "curate ngrams": lambda r, kw: _echo(f"n-gram index written to {r}"),
+    "tokenizer train": _saved("tokenizer"),
+    "pack": _packed,
+    "pretrain": _saved("model"),
+    "finetune": _artifact,
+    "dpo": _artifact,
+    "classify train": _saved("classifier"),
+    "classify predict": _predicted,
+    "merge": _saved("merged model"),
+    "rag index": _indexed,
+    "rag ask": _answered,
+    "eval run": _evaluated,
+    "eval report": lambda r, kw: _echo(f"report: {r}"),
+    "generate": _generated,
+    "registry": _registry,
+}
+
+
+def show(verb: Verb, result, kw) -> None:
+    """Print a verb's result for a person (quickstart and chat print as they go, and return nothing to show)."""
+    if verb.name in SHOW:
+        SHOW[verb.name](result, kw)
 
 
 def main() -> None:
@@ -374,7 +345,17 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        app()
+        code = app.main(prog_name="fmkit", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help())
+        code = 0
+    except click.UsageError as e:   # a mistake on the command line: one line, like any other user mistake
+        where = e.ctx.command_path if e.ctx else "fmkit"
+        click.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
+        code = 2
+    except click.Abort:             # Ctrl-C outside training (which saves a checkpoint and says so)
+        code = 130
     except FmkitError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        click.echo(f"error: {e}", err=True)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)

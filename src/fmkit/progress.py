@@ -35,6 +35,11 @@ def status(line: str) -> None:
         console.print(line, highlight=False, soft_wrap=True)
 
 
+def warn(line: str) -> None:
+    """Something the user should know that is not an error (a slower path taken, a default applied), on stderr."""
+    console.print(f"note: {line}", highlight=False, soft_wrap=True)
+
+
 def progress_bar(label: str, unit: str = "it", extra: str = "") -> Progress:
     """A progress bar for `label`; `extra` is a rich format string over the task's fields (loss, tok/s, ...).
 

@@ -98,6 +98,34 @@ class Workspace:
         self._db.close()
 
 
+def locate(ref: str | Path, kind: str, workspace: str | Path | None = None) -> Path:
+    """`ref` as a path; or, when nothing is there and it is a bare name, the artifact of that name in the
+    workspace's `kind/` folder (`fmkit eval report my-run` finds <workspace>/evals/my-run)."""
+    path = Path(ref).expanduser()
+    if path.exists() or len(path.parts) != 1 or ":" in str(ref):
+        return path
+    named = (Path(workspace) if workspace else default_root()) / kind / str(ref)
+    return named if named.exists() else path
+
+
+def registry(kind: str | None = None, workspace: str | Path | None = None) -> dict:
+    """List the workspace's artifacts and runs with their lineage.
+
+    Args:
+        kind: Only artifacts of this kind (dataset, tokenizer, shards, model, adapter, eval).
+        workspace: Workspace folder (default $FMKIT_WORKSPACE or ./fmkit-workspace).
+
+    Returns {registry: the database file, artifacts: [{id, kind, path, parents, meta}], runs: [{id, kind, status,
+    error, ...}]}.
+    """
+    ws = Workspace(workspace)
+    try:
+        arts = [{**a, "parents": ws.lineage(a["id"])} for a in ws.artifacts(kind)]
+        return {"registry": str(ws.db_path), "artifacts": arts, "runs": ws.runs()}
+    finally:
+        ws.close()
+
+
 def write_manifest(folder: str | Path, manifest: dict) -> None:
     """Write `fmkit.json`, the self-description every artifact folder carries."""
     folder = Path(folder)

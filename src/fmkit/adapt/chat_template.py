@@ -22,31 +22,38 @@ CHAT_TEMPLATE = (
 )
 
 
-def choose_encoding(tok, base: ModelRef, template: str = "chat") -> tuple[Callable, str]:
-    """How conversations become (ids, loss mask) for this model; also returns what was used, for fmkit.json.
+def use_template(tok, model: ModelRef, template: str = "chat") -> str:
+    """Give `tok` the chat template conversations are rendered in; returns which one, for fmkit.json.
 
     template: "chat" — the tokenizer's own chat template; a model fmkit built (fmkit.json) that has none gets
-    fmkit's, saved with the result; any other model without one is refused, since inventing a format for it would
-    not match how it is prompted later. "fmkit" — fmkit's role headers, replacing the tokenizer's. "none" — the
-    turns' texts back to back (base-model style). A path to a .jinja file — that template."""
-    if template == "none":
-        return encode_plain, "none"
+    fmkit's; any other model without one is refused, since inventing a format for it would not match how it was
+    trained. "fmkit" — fmkit's role headers, replacing the tokenizer's. A path to a .jinja file — that template."""
     if template == "fmkit":
         tok.chat_template = CHAT_TEMPLATE
-        return encode_chat, "fmkit"
+        return "fmkit"
     if template != "chat":
         path = Path(template)
         if not path.is_file():
             raise FmkitError(f"template must be chat, fmkit, none or a .jinja file; {template} is none of these")
         tok.chat_template = path.read_text()
-        return encode_templated, f"file {path.resolve()}"
+        return f"file {path.resolve()}"
     if not getattr(tok, "chat_template", None):
-        if not base.built_by_fmkit:
-            raise FmkitError(f"{base.spec} has no chat template: pass --template fmkit (fmkit's role headers), "
+        if not model.built_by_fmkit:
+            raise FmkitError(f"{model.spec} has no chat template: pass --template fmkit (fmkit's role headers), "
                              "--template FILE.jinja (your own), or --template none (texts back to back)")
         tok.chat_template = CHAT_TEMPLATE
-        return encode_chat, "fmkit (added)"
-    return (encode_chat, "fmkit") if tok.chat_template == CHAT_TEMPLATE else (encode_templated, "the model's own")
+        return "fmkit (added)"
+    return "fmkit" if tok.chat_template == CHAT_TEMPLATE else "the model's own"
+
+
+def choose_encoding(tok, base: ModelRef, template: str = "chat") -> tuple[Callable, str]:
+    """How conversations become (ids, loss mask) for this model; also returns what was used, for fmkit.json.
+    `template` as in `use_template`, or "none": the turns' texts back to back (base-model style). A model that
+    gets fmkit's template keeps it, saved with the result."""
+    if template == "none":
+        return encode_plain, "none"
+    used = use_template(tok, base, template)
+    return (encode_chat if used.startswith("fmkit") else encode_templated), used
 
 
 def encode_templated(tok, messages: list[dict]) -> tuple[list[int], list[int]]:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..errors import FmkitError
 from ..progress import report as console
+from ..workspace import locate
 
 
 def _load(run: str | Path) -> dict:
@@ -46,7 +47,14 @@ def print_results(run: str | Path) -> None:
     console.print(t)
 
 
-def eval_report(run: str | Path) -> Path:
+def eval_report(run: str | Path, workspace: str | Path | None = None) -> Path:
+    """Print an eval run's table and write report.html (metrics with error bars, calibration) into the run folder.
+
+    Args:
+        run: Eval run folder (written by fmkit eval), or its name in the workspace's evals/.
+        workspace: Workspace folder where a bare run name is looked up.
+    """
+    run = locate(run, "evals", workspace)
     import matplotlib
 
     matplotlib.use("Agg")

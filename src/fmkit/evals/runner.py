@@ -228,15 +228,44 @@ def _aggregate(task: Task, rows: list[dict]) -> dict:
     return out
 
 
-def evaluate(model: str | Path | Model, tasks: list[str | Path], out: str | Path | None = None, limit: int = 0,
-             num_fewshot: int | None = None, batch_size: int = 16, workspace: str | Path | None = None,
-             contamination: bool = True, judge: Model | None = None, **model_kw) -> Path:
-    """Evaluate `model` on each task; returns the eval run folder (results.json, samples.jsonl)."""
+def evaluate(model: str | Path | Model, tasks: list[str], out: str | Path | None = None, limit: int = 0,
+             num_fewshot: int | None = None, batch_size: int = 16, base: str | None = None, base_url: str = "",
+             api_key: str = "", cache: Path | None = None, concurrency: int = 4, prices: Path | None = None,
+             contamination: bool = True, workspace: str | Path | None = None, judge: Model | None = None,
+             **model_kw) -> Path:
+    """Evaluate a model on tasks: results.json (metrics with standard errors) and samples.jsonl (one row per item).
+
+    Returns the eval run folder; `fmkit eval report RUN` draws it. `judge` (Python only) replaces the judge model a
+    judge task names; other keywords (dtype, trust_pickle, ...) go to the local model.
+
+    Args:
+        model: Model reference: a model or adapter folder, a model name in the workspace, hf:ORG/NAME, openai:NAME
+            or anthropic:NAME.
+        tasks: Task YAML files or built-in task names (stdlib_docstring_to_name, humaneval).
+        out: Run folder (default <workspace>/evals/MODEL-TIME).
+        limit: Evaluate the first N items of each task (0: all).
+        num_fewshot: Override each task's few-shot count.
+        batch_size: Local models: sequences per forward pass.
+        base: An adapter's base model, instead of the one the adapter names.
+        base_url: OpenAI-compatible server URL for openai:NAME (e.g. http://localhost:8000/v1).
+        api_key: API key for hosted models (default $OPENAI_API_KEY / $ANTHROPIC_API_KEY).
+        cache: SQLite response cache for hosted models (repeated runs cost nothing).
+        concurrency: Hosted models: requests in flight.
+        prices: Price table YAML for cost accounting (default: the packaged one).
+        contamination: Check items against the model's training data (from its lineage), or Min-K% without it.
+        workspace: Workspace folder: eval runs, the registry, and bare model names.
+    """
     started = time.time()
     loaded = [load_task(t) for t in tasks]   # check every task before loading the model
     if not loaded:
-        raise FmkitError("name at least one task (a YAML file or a built-in task name)")
-    m = model if isinstance(model, Model) else get_model(str(model), batch_size=batch_size, **model_kw)
+        raise FmkitError("name at least one task: a YAML file or a built-in name such as stdlib_docstring_to_name")
+    if isinstance(model, Model):
+        m = model
+    else:
+        from ..models.reference import resolve
+
+        m = get_model(resolve(model, base, workspace), base_url=base_url, api_key=api_key, cache=cache,
+                      concurrency=concurrency, batch_size=batch_size, prices=prices, **model_kw)
     ws = Workspace(workspace)
     desc = m.describe()
     stamp = time.strftime("%Y%m%d-%H%M%S")

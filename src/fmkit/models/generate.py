@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 
 from ..errors import FmkitError
+from ..progress import warn
 from .build import arch_of
 from .decode import LlamaDecoder
 from .reference import ModelRef, resolve
@@ -31,6 +33,7 @@ class Completion:
     text: str
     tokens: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    dtype: str = ""     # what the model computed in (fp32 or bf16)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -49,6 +52,23 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class IncrementalText:
+    """A completion's text as its tokens arrive, decoding only the newest few each time (a whole decode per token
+    is quadratic in the reply's length). The text grows only where it is final: not inside a UTF-8 character
+    still being spelled out byte by byte, and with the spacing the whole sequence decodes to."""
+
+    def __init__(self, tok):
+        self.tok, self.text, self.prefix, self.read = tok, "", 0, 0
+
+    def add(self, tokens: list[int]) -> str:
+        before = self.tok.decode(tokens[self.prefix:self.read])
+        now = self.tok.decode(tokens[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before):]
+            self.prefix, self.read = self.read, len(tokens)
+        return self.text
 
 
 class Generator:
@@ -79,33 +99,59 @@ class Generator:
         self.model, self.tok = model, tokenizer
         self.fast = LlamaDecoder(model, DTYPES[self.dtype]) if model.config.model_type == "llama" else None
 
+    @property
+    def max_positions(self) -> int:
+        """How many tokens (prompt + completion) the model attends over."""
+        from .build import max_positions
+
+        return self.fast.max_positions if self.fast is not None else max_positions(self.model.config)
+
     def __call__(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
-                 top_p: float = 1.0, stop: list[str] | tuple = (), seed: int = 0) -> list[Completion]:
+                 top_p: float = 1.0, stop: list[str] | tuple = (), seed: int = 0,
+                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+        """Complete each prompt. `on_text(row, text)` receives each row's completion as it grows, in pieces that
+        never end inside a UTF-8 character or a possible stop string (Llama-style decoders; others at the end)."""
         if max_new_tokens < 1:
             raise FmkitError("max_new_tokens must be at least 1")
         gen = torch.Generator().manual_seed(seed)
         if self.fast is None:
-            return self._hf_generate(prompts, max_new_tokens, temperature, top_k, top_p, stop, gen)
+            done = self._hf_generate(prompts, max_new_tokens, temperature, top_k, top_p, stop, gen)
+            for row, c in enumerate(done if on_text else ()):
+                on_text(row, c.text)
+            return done
         tok = self.tok
         eos = tok.eos_token_id
         encoded = [tok(p, add_special_tokens=False)["input_ids"] or [eos] for p in prompts]
+        texts = [IncrementalText(tok) for _ in prompts]
+        shown = [0] * len(prompts)
+        hold = max((len(s) for s in stop), default=1) - 1
 
-        def hit_stop(tokens: list[int]) -> bool:
-            return any(s in tok.decode(tokens) for s in stop)
+        def after_token(row: int, tokens: list[int]) -> bool:
+            text = texts[row].add(tokens)
+            if any(s in text[-(hold + 16):] for s in stop):
+                return True
+            safe = len(text) - hold
+            if on_text and safe > shown[row]:
+                on_text(row, text[shown[row]:safe])
+                shown[row] = safe
+            return False
 
-        rows = self.generate_ids(encoded, max_new_tokens, temperature, top_k, top_p, eos, hit_stop if stop else None,
-                                 gen)
+        rows = self.generate_ids(encoded, max_new_tokens, temperature, top_k, top_p, eos,
+                                 after_token if stop or on_text else None, gen)
         results = []
-        for tokens, reason in rows:
+        for row, (tokens, reason) in enumerate(rows):
             text = tok.decode(tokens)
             hit = [text.index(s) for s in stop if s in text]
-            results.append(Completion(text[:min(hit)] if hit else text, tokens, reason))
+            results.append(Completion(text[:min(hit)] if hit else text, tokens, reason, self.dtype))
+            if on_text and len(results[-1].text) > shown[row]:
+                on_text(row, results[-1].text[shown[row]:])
         return results
 
     def generate_ids(self, encoded: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                      top_p: float = 1.0, eos: int | None = None, should_stop=None,
                      generator: torch.Generator | None = None) -> list[tuple[list[int], str]]:
-        """Token-level generation on the fast path: new tokens and finish reason per prompt (left-padded batch)."""
+        """Token-level generation on the fast path: new tokens and finish reason per prompt (left-padded batch).
+        `should_stop(row, tokens)` is asked after each new token of a row; True ends that row."""
         dec = self.fast
         width = max(map(len, encoded))
         if width + max_new_tokens > dec.max_positions:
@@ -130,7 +176,7 @@ class Generator:
                     done[row] = "stop"
                     continue
                 out[row].append(t)
-                if should_stop and should_stop(out[row]):
+                if should_stop and should_stop(row, out[row]):
                     done[row] = "stop"
             if all(done) or i == max_new_tokens - 1:
                 break
@@ -157,13 +203,39 @@ class Generator:
             row = row[:row.index(self.tok.eos_token_id)] if self.tok.eos_token_id in row else row
             text = self.tok.decode(row, skip_special_tokens=True)
             hit = [text.index(s) for s in stop if s in text]
-            results.append(Completion(text[:min(hit)] if hit else text, row, "stop" if hit else reason))
+            results.append(Completion(text[:min(hit)] if hit else text, row, "stop" if hit else reason, self.dtype))
         return results
 
 
-def generate(model: str | Path, prompts: list[str] | str, max_new_tokens: int = 64, temperature: float = 0.8,
-             top_k: int = 0, top_p: float = 1.0, stop: list[str] | tuple = (), seed: int = 0, dtype: str = "auto",
-             trust_pickle: bool = False, base: str | Path | None = None) -> list[Completion]:
-    """Complete each prompt with `model` (any local reference: model folder, adapter folder, hf:ORG/NAME)."""
+def generate(model: str, prompts: list[str] | str = ("def ",), max_new_tokens: int = 64, temperature: float = 0.8,
+             top_k: int = 0, top_p: float = 1.0, stop: list[str] | None = None, seed: int = 0,
+             dtype: Literal["auto", "fp32", "bf16"] = "auto", base: str | None = None, trust_pickle: bool = False,
+             workspace: str | Path | None = None) -> list[Completion]:
+    """Generate text from a model with a KV cache, one completion per prompt.
+
+    Llama-style decoders decode in fmkit's own step (compiled C where a compiler is present); other architectures
+    go through transformers' generate. On the command line, escapes such as \\n in stop strings are read as the
+    characters they stand for (`--stop '\\n\\n'`).
+
+    Args:
+        model: Model reference: a model or adapter folder, a model name in the workspace, or hf:ORG/NAME.
+        prompts: Prompt to complete; repeat for a batch.
+        max_new_tokens: Tokens to generate per prompt.
+        temperature: Sampling temperature; 0 is greedy.
+        top_k: Sample from the k most likely tokens (0: off).
+        top_p: Nucleus sampling mass (1.0: off).
+        stop: Stop when this string appears (not included in the output); repeatable.
+        seed: Sampling seed.
+        dtype: auto (bf16 on CPUs that multiply bf16 natively, about twice as fast; else fp32, exact), fp32 or bf16.
+        base: An adapter's base model, instead of the one the adapter names.
+        trust_pickle: Allow pickle weights (loading them can run code).
+        workspace: Workspace folder where bare model names are looked up (default $FMKIT_WORKSPACE or
+            ./fmkit-workspace).
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    return Generator(model, dtype, trust_pickle, base)(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed)
+    gen = Generator(resolve(model, base, workspace), dtype, trust_pickle)
+    if gen.fast is not None and gen.fast.native is None:
+        from .native import why_not
+
+        warn(f"decoding steps run in PyTorch, slower: {why_not() or 'unsupported model layout'}")
+    return gen(prompts, max_new_tokens, temperature, top_k, top_p, list(stop or ()), seed)

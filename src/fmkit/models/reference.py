@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FmkitError
-from ..workspace import read_manifest
+from ..workspace import locate, read_manifest
 
 REMOTE = ("openai", "anthropic")
 FORMS = "a model folder, an adapter folder, openai:NAME, anthropic:NAME or hf:ORG/NAME"
@@ -120,12 +120,14 @@ class ModelRef:
         return out
 
 
-def resolve(ref: "str | Path | ModelRef", base: "str | Path | ModelRef | None" = None) -> ModelRef:
-    """Turn a reference into a ModelRef, checking that it names something; `base` overrides an adapter's base."""
+def resolve(ref: "str | Path | ModelRef", base: "str | Path | ModelRef | None" = None,
+            workspace: str | Path | None = None) -> ModelRef:
+    """Turn a reference into a ModelRef, checking that it names something; `base` overrides an adapter's base.
+    A bare name that is not a folder here is looked up in the workspace's models/ (`quickstart`)."""
     if isinstance(ref, ModelRef):
         return ref
     spec = str(ref)
-    path = Path(spec).expanduser()
+    path = locate(spec, "models", workspace)
     if not path.exists():
         prefix, sep, name = spec.partition(":")
         if sep and prefix in REMOTE + ("hf",):
@@ -136,12 +138,12 @@ def resolve(ref: "str | Path | ModelRef", base: "str | Path | ModelRef | None" =
             return ModelRef(spec, prefix, name=name)
         if sep and len(prefix) > 1:
             raise FmkitError(f"model reference {spec}: unknown prefix '{prefix}:'; give {FORMS}")
-        raise FmkitError(f"model reference {spec}: no such folder, and not openai:NAME, anthropic:NAME or "
-                         "hf:ORG/NAME")
+        raise FmkitError(f"model reference {spec}: no such folder (nor a model of that name in the workspace), "
+                         "and not openai:NAME, anthropic:NAME or hf:ORG/NAME")
     if not path.is_dir():
         raise FmkitError(f"model reference {spec} is a file; give {FORMS}")
     if (path / "adapter_config.json").is_file():
-        return ModelRef(spec, "adapter", path=path, base=resolve(base or _adapter_base(path), None))
+        return ModelRef(spec, "adapter", path=path, base=resolve(base or _adapter_base(path), None, workspace))
     if (path / "config.json").is_file():
         if base is not None:
             raise FmkitError(f"--base applies to adapters only, and {spec} is a whole model folder")

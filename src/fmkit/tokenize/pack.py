@@ -52,10 +52,19 @@ class _ShardWriter:
 
 def pack(corpus: str, tokenizer: str | Path, out: str | Path | None = None, shard_tokens: int = 50_000_000,
          batch_docs: int = 64, workspace: str | Path | None = None, name: str = "") -> Path:
-    """Tokenize `corpus` with `tokenizer` into shards (each document followed by EOS); returns the shards folder.
+    """Tokenize a corpus into flat uint16/uint32 token shards with index.json (read with np.memmap).
 
-    Tokenization runs in parallel on all cores (the `tokenizers` Rust pool over each batch of documents).
-    Document start offsets go to a binary sidecar per shard, named in index.json, so the index stays small.
+    Each document is followed by EOS. Tokenization runs in parallel on all cores (the `tokenizers` Rust pool over
+    each batch of documents). Document start offsets go to a binary sidecar per shard, named in index.json.
+
+    Args:
+        corpus: stdlib, stdlib:train, stdlib:val, a curated dataset folder, a folder, a text file or JSONL.
+        tokenizer: Tokenizer folder (fmkit tokenizer train).
+        out: Output folder (default <workspace>/shards/NAME).
+        shard_tokens: Tokens per shard file.
+        batch_docs: Documents tokenized per batch.
+        workspace: Workspace folder: artifacts and the registry (default $FMKIT_WORKSPACE or ./fmkit-workspace).
+        name: Artifact name (default: from the corpus).
     """
     tok = load_tokenizer(tokenizer)
     eos = tok.convert_tokens_to_ids(EOS)

@@ -26,9 +26,19 @@ def special_tokens(sentinels: int) -> list[str]:
 def train_tokenizer(corpus: str, out: str | Path | None = None, vocab_size: int = 8192, sentinels: int = 32,
                     min_frequency: int = 2, max_bytes: int = 0, workspace: str | Path | None = None,
                     name: str = "") -> Path:
-    """Train a byte-level BPE tokenizer on `corpus` and save it as a folder with tokenizer.json; returns the folder.
+    """Train a byte-level BPE tokenizer; the folder (tokenizer.json) loads with transformers.AutoTokenizer.
 
     max_bytes > 0 trains on the first max_bytes of text only (BPE merges settle long before a large corpus ends).
+
+    Args:
+        corpus: stdlib, stdlib:train, stdlib:val, a curated dataset folder, a folder, a text file or JSONL.
+        out: Output folder (default <workspace>/tokenizers/NAME).
+        vocab_size: Vocabulary size, special tokens included.
+        sentinels: Span-corruption sentinel tokens to reserve (T5-style models).
+        min_frequency: Merges must occur at least this often.
+        max_bytes: Train on the first N bytes of text only (0: all).
+        workspace: Workspace folder: artifacts and the registry (default $FMKIT_WORKSPACE or ./fmkit-workspace).
+        name: Artifact name (default: from the corpus).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast

@@ -29,14 +29,13 @@ import numpy as np
 from ...errors import FmkitError
 from . import documents, retrieve, store
 from .encoder import BUILTIN, Encoder, load_encoder
-from .store import default_index_dir, parse_pairs
-
-__all__ = ["index", "ask", "Encoder", "default_index_dir", "parse_pairs", "BUILTIN"]
+__all__ = ["index", "ask", "Encoder", "BUILTIN"]
 
 
 def index(docs: str | Path, index_dir: str | Path, chunk_tokens: int = 256, overlap: int = 32,
-          encoder: str | Path | Encoder | None = None, metadata: dict | None = None) -> dict:
-    """Add the documents under DOCS (a file, or a folder of .txt/.md/.rst/.html files) to the index at INDEX_DIR.
+          encoder: str | Path | Encoder | None = None, metadata: dict | None = None,
+          workspace: str | Path | None = None) -> dict:
+    """Chunk, embed and store documents in an index folder; running it again updates only new and changed ones.
 
     Each document is cut into windows of `chunk_tokens` encoder tokens overlapping by `overlap`, embedded and
     stored with its metadata: source (path relative to DOCS), title (HTML <title>, first markdown heading or the
@@ -45,8 +44,18 @@ def index(docs: str | Path, index_dir: str | Path, chunk_tokens: int = 256, over
     its old chunks replaced. `encoder` is a local transformers encoder folder; the default is the index's own, or
     the bundled all-MiniLM-L6-v2 for a new index.
 
-    Returns {documents, changed, unchanged, added, removed, chunks, skipped: {reason: count},
+    Returns {index, documents, changed, unchanged, added, removed, chunks, skipped: {reason: count},
     skipped_files: [(source, reason)]}: added/removed count chunks, chunks is the index total after the run.
+    The index is recorded in the workspace registry.
+
+    Args:
+        docs: A file, or a folder of .txt/.md/.rst/.html documents.
+        index_dir: The index folder (created if missing).
+        chunk_tokens: Encoder tokens per chunk.
+        overlap: Tokens shared by neighbouring chunks.
+        encoder: A local encoder folder (default: the index's own, or the bundled all-MiniLM-L6-v2).
+        metadata: Stored on every chunk of this call, for filtering.
+        workspace: Workspace folder whose registry records the index.
     """
     from ...progress import progress_bar
 
@@ -68,7 +77,7 @@ def index(docs: str | Path, index_dir: str | Path, chunk_tokens: int = 256, over
         enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder)
         if recorded and recorded != enc.spec:
             raise FmkitError(f"the index at {index_dir} was built with encoder {recorded}; index with that encoder or "
-                             "into a new --index folder")
+                             "into a new index folder")
     if chunk_tokens > enc.max_tokens:
         raise FmkitError(f"chunk_tokens may be at most {enc.max_tokens} for encoder {enc.folder}")
     store.set_setting(db, "encoder", enc.spec)
@@ -120,7 +129,10 @@ def index(docs: str | Path, index_dir: str | Path, chunk_tokens: int = 256, over
     stats["chunks"] = db.execute("SELECT count(*) FROM chunks").fetchone()[0]
     store.vectors(db, Path(index_dir))   # write vectors.npz now, so the first question does not have to
     db.close()
-    return stats
+    from ...workspace import Workspace
+
+    Workspace(workspace).add_artifact("rag-index", index_dir, {"encoder": enc.spec, "chunks": stats["chunks"]})
+    return {"index": str(index_dir), **stats}
 
 
 def _prompt(question: str, chunks: list[dict]) -> str:
@@ -128,6 +140,15 @@ def _prompt(question: str, chunks: list[dict]) -> str:
     return ("Answer the question using only the numbered sources below. Cite the source of each statement as [n] "
             "right after it. If the sources do not contain the answer, say so.\n\n"
             f"{sources}\n\nQuestion: {question}\nAnswer:")
+
+
+def _writer(model, workspace):
+    """prompt -> answer text for a model reference or an fmkit providers Model."""
+    from ...providers import GenRequest, Model, get_model
+    from ...models.reference import resolve
+
+    m = model if isinstance(model, Model) else get_model(resolve(model, workspace=workspace))
+    return lambda p: m.generate([GenRequest(p, max_tokens=256)])[0]
 
 
 def _citations(answer: str) -> list[int]:
@@ -138,22 +159,31 @@ def _citations(answer: str) -> list[int]:
     return list(dict.fromkeys(found))
 
 
-def ask(index_dir: str | Path, question: str, k: int = 5, filters: dict | None = None, generate=None,
-        encoder=None) -> dict:
-    """Retrieve the `k` chunks that best answer QUESTION, and answer it from them.
+def ask(index_dir: str | Path, question: str, k: int = 5, filters: dict | None = None, model: str | None = None,
+        encoder: str | Path | None = None, workspace: str | Path | None = None) -> dict:
+    """Answer a question from an index: hybrid BM25 + dense retrieval, and an answer with [n] citations.
 
     Retrieval is hybrid: BM25 over the FTS5 table and dense search (cosine over every chunk, the best rescored in
     float32), fused by reciprocal rank fusion (k=60).
     `filters` ({"source": "a.md"}, {"lang": ["en", "de"]}) restrict both retrievers before ranking (SQL conditions
     for BM25, a row mask for the vectors), so k results come back whenever k chunks pass them.
-    `generate` (a callable prompt -> text, or an fmkit providers Model) answers from the chunks numbered [1]..[k];
-    without it the answer is the top chunk's text with [1]. `encoder` overrides the index's encoder (a folder, or
-    any object with `embed(texts) -> array`).
+    `model` (a model reference, an fmkit providers Model, or a callable prompt -> text) answers from the chunks
+    numbered [1]..[k]; without it the answer is the top chunk's text with [1]. `encoder` overrides the index's
+    encoder (a folder, or any object with `embed(texts) -> array`).
 
     Returns {question, answer, chunks, citations, invalid_citations, prompt}; each chunk has rank, id, source,
     title, chunk, text, meta, score (fused) and bm25_rank/bm25_score/dense_rank/dense_score (None where that
     retriever did not return it; higher scores are better). invalid_citations lists cited numbers that name no
     retrieved chunk.
+
+    Args:
+        index_dir: The index folder (fmkit rag index).
+        question: The question.
+        k: Chunks to retrieve.
+        filters: Only chunks with this metadata; a key given twice allows either value.
+        model: Model that writes a cited answer (a model reference); without it the top chunk is the answer.
+        encoder: Encoder folder, instead of the one the index was built with.
+        workspace: Workspace folder where a bare model name is looked up.
     """
     if not question.strip():
         raise FmkitError("the question is empty")
@@ -162,8 +192,7 @@ def ask(index_dir: str | Path, question: str, k: int = 5, filters: dict | None =
     db = store.open_index(index_dir)
     try:
         if not db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone():
-            raise FmkitError(f"the RAG index at {index_dir} is empty; run `fmkit rag index DOCS --index {index_dir}` "
-                             "first")
+            raise FmkitError(f"the RAG index at {index_dir} is empty; run `fmkit rag index DOCS {index_dir}` first")
         where, params = retrieve.where_sql(filters)
         depth = max(50, 4 * k)   # candidates per retriever: deep enough that fusion can reorder them
         sparse = retrieve.bm25(db, question, where, params, depth)
@@ -198,16 +227,11 @@ def ask(index_dir: str | Path, question: str, k: int = 5, filters: dict | None =
         db.close()
 
     prompt = None
-    if generate is None:
+    if model is None:
         answer = f"{chunks[0]['text']} [1]"
     else:
-        if not callable(generate) and hasattr(generate, "generate"):   # an fmkit providers Model
-            from ...providers import GenRequest
-
-            model = generate
-            generate = lambda p: model.generate([GenRequest(p, max_tokens=256)])[0]  # noqa: E731
         prompt = _prompt(question, chunks)
-        answer = generate(prompt)
+        answer = model(prompt) if callable(model) else _writer(model, workspace)(prompt)
     cited = _citations(answer)
     return {"question": question, "answer": answer, "chunks": chunks, "prompt": prompt,
             "citations": [c for c in cited if 1 <= c <= len(chunks)],

@@ -35,35 +35,12 @@ CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
 """
 
 
-def default_index_dir() -> Path:
-    """`rag/` in the workspace ($FMKIT_WORKSPACE or ./fmkit-workspace)."""
-    from ...workspace import default_root
-
-    return default_root() / "rag"
-
-
-def parse_pairs(pairs: list[str], option: str = "--meta") -> dict:
-    """`["lang=en", "team=infra"]` -> `{"lang": "en", "team": "infra"}`; a key given twice collects a list."""
-    out: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise FmkitError(f"{option} takes key=value, got {pair!r}")
-        if key in out:
-            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
-        else:
-            out[key] = value
-    return out
-
-
 def open_index(index_dir: str | Path, create: bool = False) -> sqlite3.Connection:
     index_dir = Path(index_dir)
     path = index_dir / "rag.sqlite"
     if not path.exists():
         if not create:
-            raise FmkitError(f"there is no RAG index at {index_dir}; run `fmkit rag index DOCS --index {index_dir}` "
-                             "first")
+            raise FmkitError(f"there is no RAG index at {index_dir}; run `fmkit rag index DOCS {index_dir}` first")
         try:
             index_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

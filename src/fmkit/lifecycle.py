@@ -22,7 +22,18 @@ PROMPTS = ["def ", "import os\n\n\nclass ", '"""Return the']
 
 
 def quickstart(workspace: str | Path | None = None, steps: int | None = None, vocab_size: int = 4096) -> Path:
-    """Tokenizer, token shards, pre-training, validation metrics, samples and a loss curve; returns the model."""
+    """Build a tiny foundation model end to end on the local Python standard library (a few minutes on a CPU).
+
+    Curates the stdlib, trains a tokenizer, packs token shards (a fixed set of stdlib modules held out for
+    validation), pre-trains a small Llama-style decoder, reports validation loss / perplexity / bits-per-byte,
+    prints samples, saves a loss-curve PNG and lists every artifact. Re-running after Ctrl-C resumes from the last
+    checkpoint. Returns the model folder.
+
+    Args:
+        workspace: Workspace folder: artifacts and the registry (default $FMKIT_WORKSPACE or ./fmkit-workspace).
+        steps: Training steps (default: the tiny recipe's 500).
+        vocab_size: Tokenizer vocabulary size.
+    """
     ws = Workspace(workspace)
     started = time.time()
     console.rule("[bold]fmkit quickstart[/]: a tiny decoder on the Python standard library")

@@ -1,0 +1,70 @@
+"""The verb table: every fmkit verb, declared once, in lifecycle order.
+
+Each row names a Python function; its signature (parameter names, types, defaults) and the `Args:` section of its
+docstring (one line of help per parameter) *are* the command line: `cli.py` builds the commands from them, and
+`fmkit/__init__.py` exports the same functions. Targets are "module:function" strings so that `import fmkit` and
+`fmkit --help` do not import torch; `test_verbs.py` imports every one of them.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str                    # as typed after `fmkit`: "pretrain", "curate report"
+    target: str                  # "module:function"
+    py: str = ""                 # its name in the `fmkit` namespace (default: the function's own name)
+    default: bool = False        # what `fmkit GROUP ARGS` runs when ARGS name no sub-verb (`fmkit curate R.yaml`)
+    flags: dict = field(default_factory=dict)   # parameter -> its spellings, where not --the-name
+    overrides: str = ""          # parameter that collects `--section.key=value` recipe overrides
+    unescape: tuple = ()         # parameters whose command-line text has backslash escapes (`--stop '\n\n'`)
+
+    @property
+    def function(self):
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    @property
+    def python_name(self) -> str:
+        return self.py or self.target.split(":")[1]
+
+    @property
+    def group(self) -> str:
+        return self.name.split()[0] if " " in self.name else ""
+
+
+VERBS = (
+    Verb("quickstart", "fmkit.lifecycle:quickstart"),
+    Verb("curate run", "fmkit.data.curate:curate", default=True, overrides="overrides"),
+    Verb("curate report", "fmkit.data.report:curate_report"),
+    Verb("curate ngrams", "fmkit.data.contamination:build_ngram_index"),
+    Verb("tokenizer train", "fmkit.tokenize.tokenizer:train_tokenizer"),
+    Verb("pack", "fmkit.tokenize.pack:pack"),
+    Verb("pretrain", "fmkit.train.pretrain:pretrain", overrides="overrides"),
+    Verb("finetune", "fmkit.adapt.finetune:finetune", flags={"target_modules": ["--target"]}),
+    Verb("dpo", "fmkit.adapt.dpo:dpo"),
+    Verb("classify train", "fmkit.adapt.classify:train_classifier", py="classify", default=True),
+    Verb("classify predict", "fmkit.adapt.classify:predict"),
+    Verb("merge", "fmkit.adapt.finetune:merge"),
+    Verb("rag index", "fmkit.adapt.rag:index", py="rag_index", flags={"metadata": ["--meta"]}),
+    Verb("rag ask", "fmkit.adapt.rag:ask", py="rag_ask", flags={"filters": ["--filter"]}),
+    Verb("eval run", "fmkit.evals.runner:evaluate", default=True),
+    Verb("eval report", "fmkit.evals.report:eval_report"),
+    Verb("generate", "fmkit.models.generate:generate", flags={"prompts": ["--prompt", "-p"]}, unescape=("stop",)),
+    Verb("chat", "fmkit.conversation:chat"),
+    Verb("registry", "fmkit.workspace:registry"),
+)
+
+GROUPS = {
+    "curate": "Curate raw sources into a dataset, summarise one, or index its n-grams for contamination checks.",
+    "tokenizer": "Train byte-level BPE tokenizers.",
+    "classify": "Train a classification head on an encoder, or predict labels with one.",
+    "rag": "Retrieval-augmented generation over local documents: index them, then ask.",
+    "eval": "Evaluate a model on tasks, or report on an eval run.",
+}
+
+
+def by_python_name(name: str) -> Verb | None:
+    return next((v for v in VERBS if v.python_name == name), None)
