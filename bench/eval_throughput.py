@@ -46,7 +46,7 @@ def make_model(folder: Path) -> Path:
     tok = train_tokenizer("stdlib:train", folder / "tok", vocab_size=4096, max_bytes=4_000_000,
                           workspace=folder / "ws")
     from fmkit.models.build import model_config
-    from fmkit.tokenize.tokenizer import load_tokenizer
+    from fmkit.models.io import load_tokenizer
 
     t = load_tokenizer(tok)
     config = model_config("decoder", "1m", len(t), 512, {"pad": t.pad_token_id, "eos": t.eos_token_id})

@@ -30,7 +30,8 @@ def make_assets(folder: Path) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fmkit.evals.stdlib_tasks import stdlib_functions
-    from fmkit.tokenize.tokenizer import load_tokenizer, train_tokenizer
+    from fmkit.tokenize.tokenizer import train_tokenizer
+    from fmkit.models.io import load_tokenizer
 
     tok_dir = train_tokenizer("stdlib:train", folder / "tok", vocab_size=8192, max_bytes=4_000_000,
                               workspace=folder / "ws")

@@ -47,7 +47,7 @@ def save_tiny_llama(tokenizer_dir, folder, max_positions: int, **config):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fmkit.tokenize.tokenizer import load_tokenizer
+    from fmkit.models.io import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)

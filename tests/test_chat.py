@@ -17,7 +17,7 @@ from fmkit.models.generate import Generator, IncrementalText
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, tokenizer_dir):
     from conftest import save_tiny_llama
-    from fmkit.tokenize.tokenizer import load_tokenizer
+    from fmkit.models.io import load_tokenizer
     from fmkit.workspace import write_manifest
 
     tok = load_tokenizer(tokenizer_dir)

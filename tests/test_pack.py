@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from fmkit.errors import FmkitError
+from fmkit.models.io import load_tokenizer
 from fmkit.tokenize.pack import pack, token_dtype
 from fmkit.tokenize.shards import TokenShards
-from fmkit.tokenize.tokenizer import load_tokenizer
 
 
 def test_dtype_is_the_smallest_that_fits():

@@ -109,3 +109,13 @@ def _tied_names(model) -> set[str]:
             tied.add(seen[id(p)])
         seen.setdefault(id(p), name)
     return tied
+
+
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer folder (or a model folder holding one) as a transformers fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise FmkitError(f"no tokenizer.json in {path}; train one with `fmkit tokenizer train` or pass a model folder")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))

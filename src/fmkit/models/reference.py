@@ -90,7 +90,7 @@ class ModelRef:
 
     def tokenizer(self):
         """The tokenizer saved with the model (an adapter's own when it has one, else its base's)."""
-        from ..tokenize.tokenizer import load_tokenizer
+        from .io import load_tokenizer
 
         self._need_local("a tokenizer")
         if self.kind == "hf":

@@ -11,9 +11,10 @@ import numpy as np
 from ..data.corpus import CorpusStats, iter_documents, require_documents
 from ..data.dataset import dataset_id
 from ..errors import FmkitError
+from ..models.io import load_tokenizer
 from ..progress import progress_bar
 from ..workspace import Workspace, read_manifest, write_manifest
-from .tokenizer import EOS, load_tokenizer
+from .tokenizer import EOS
 
 FORMAT = "fmkit.shards/1"
 

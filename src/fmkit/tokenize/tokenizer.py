@@ -82,13 +82,3 @@ def train_tokenizer(corpus: str, out: str | Path | None = None, vocab_size: int 
     manifest["id"] = ws.add_artifact("tokenizer", out, manifest, parents=[dataset_id(corpus)])
     write_manifest(out, manifest)
     return out
-
-
-def load_tokenizer(path: str | Path):
-    """Load a tokenizer folder (or a model folder holding one) as a transformers fast tokenizer."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = Path(path)
-    if not (path / "tokenizer.json").is_file():
-        raise FmkitError(f"no tokenizer.json in {path}; train one with `fmkit tokenizer train` or pass a model folder")
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
