@@ -127,6 +127,13 @@ def test_dedup_keeps_the_first_and_records_clusters(tmp_path, corpus):
     assert m["dedup"]["minhash"]["clusters"] == 2
 
 
+def test_rejected_duplicates_name_their_survivor(tmp_path, corpus):
+    _, rej, _ = load(curate(recipe(tmp_path, corpus)))
+    duplicate_of = {r["id"]: r["duplicate_of"] for r in rej}
+    assert duplicate_of["z_exact_dup.md"] == "good03.md" and duplicate_of["z_near_dup.md"] == "good05.md"
+    assert {duplicate_of[r["id"]] for r in rej if not r["block"].startswith("dedup")} == {""}
+
+
 def test_pii_is_redacted_in_the_output(tmp_path, corpus):
     data, _, m = load(curate(recipe(tmp_path, corpus)))
     text = next(r["text"] for r in data if r["id"] == "pii.md")
@@ -201,6 +208,7 @@ def test_report_and_cli(tmp_path, corpus):
 @pytest.mark.parametrize("change,message", [
     ({"dedupe": {}}, "unknown recipe key 'dedupe'"),
     ({"dedup": {"band": 3}}, "did you mean 'dedup.bands'"),
+    ({"dedup": {"jaccard": 1.5}}, "dedup.jaccard"),
     ({"pipeline": ["gopher_qualty"]}, "did you mean 'pipeline.gopher_quality'"),
     ({"pipeline": [{"gopher_quality": {"min_doc_word": 3}}]}, "did you mean 'pipeline.gopher_quality.min_doc_words'"),
     ({"pipeline": [{"c4": {"min_num_sentences": "five"}}]}, "pipeline.c4.min_num_sentences"),
@@ -249,7 +257,8 @@ def test_dataset_feeds_tokenizer_and_pack_with_lineage(tmp_path, corpus):
 def test_ngram_index_over_dataset_and_shards(tmp_path, corpus):
     from fmkit.data.contamination import NGramIndex, build_ngram_index
     from fmkit.tokenize.pack import pack
-    from fmkit.tokenize.tokenizer import load_tokenizer, train_tokenizer
+    from fmkit.tokenize.tokenizer import train_tokenizer
+    from fmkit.models.io import load_tokenizer
 
     ds = curate(recipe(tmp_path, corpus))
     idx = NGramIndex.load(build_ngram_index(ds))

@@ -25,7 +25,7 @@ from .dedup import MinHashConfig, exact_clusters, minhash_clusters
 from .mix import mix_rates, repeats
 from .pipeline import execute, rejected_schema
 from .recipe import CurateRecipe, build_blocks, build_sources, load_curate_recipe
-from .sources import plan_units
+from .sources import PREVIEW, plan_units
 
 
 def curate(recipe: str | Path | CurateRecipe | None = None, overrides: list[str] | dict | None = None,
@@ -40,7 +40,7 @@ def curate(recipe: str | Path | CurateRecipe | None = None, overrides: list[str]
     ws = Workspace(rec.workspace or None)
     out = Path(rec.out) if rec.out else ws.path("datasets", rec.name)
     work = out / "_work"
-    mh = MinHashConfig(rec.dedup.ngram, rec.dedup.bands, rec.dedup.rows, rec.dedup.seed)
+    mh = MinHashConfig(rec.dedup.ngram, rec.dedup.bands, rec.dedup.rows, rec.dedup.seed, rec.dedup.jaccard)
     job = {"pipeline": rec.pipeline, "tokenizer": rec.mix.tokenizer, "minhash": asdict(mh),
            "minhash_on": rec.dedup.minhash, "work": str(work), "files_per_unit": rec.files_per_unit,
            "sources": [asdict(s) for s in specs]}
@@ -139,6 +139,21 @@ def _read_columns(work: Path, units, columns) -> dict:
     return {c: (table.column(c) if table is not None else pa.array([])) for c in columns}
 
 
+def _read_texts(work: Path, units, wanted: np.ndarray) -> list[str]:
+    """The texts of the documents at `wanted` (indices into all units' kept rows, ascending), in that order."""
+    import pyarrow.parquet as pq
+
+    out, offset = [], 0
+    for u in units:
+        path = work / f"{u.uid}.kept.parquet"
+        rows = pq.read_metadata(path).num_rows
+        here = wanted[(wanted >= offset) & (wanted < offset + rows)] - offset
+        if len(here):
+            out += pq.read_table(path, columns=["text"]).column("text").take(here).to_pylist()
+        offset += rows
+    return out
+
+
 def _finish(rec: CurateRecipe, specs, blocks, units, stats, out: Path, work: Path, mh: MinHashConfig) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -152,7 +167,8 @@ def _finish(rec: CurateRecipe, specs, blocks, units, stats, out: Path, work: Pat
     root = exact_root
     if rec.dedup.minhash and n:
         sigs = np.asarray(cols["minhash"].combine_chunks().flatten().to_numpy(), dtype=np.uint32).reshape(n, -1)
-        near_root = minhash_clusters(sigs, mh, skip=exact_root != np.arange(n))
+        near_root = minhash_clusters(sigs, mh, lambda wanted: _read_texts(work, units, wanted),
+                                     skip=exact_root != np.arange(n))
         root = near_root[exact_root]
     removed = root != np.arange(n)
     cluster_size = np.bincount(root, minlength=n)
@@ -186,11 +202,12 @@ def _finish(rec: CurateRecipe, specs, blocks, units, stats, out: Path, work: Pat
             dedup_rej.append(dict(id=r["id"], source=r["source"], domain=r["domain"],
                                   block="dedup_exact" if exact_root[i] != i else "dedup_minhash",
                                   reason="exact_duplicate" if exact_root[i] != i else "near_duplicate",
-                                  location=r["location"], text=r["text"][:20_000] + f"\n[duplicate of {ids[root[i]]}]"))
+                                  location=r["location"], text=r["text"][:PREVIEW], duplicate_of=ids[root[i]]))
         for j in np.flatnonzero(~removed[sl] & (rows_copies == 0)):
             r = table.slice(int(j), 1).to_pylist()[0]
             mix_rej.append(dict(id=r["id"], source=r["source"], domain=r["domain"], block="mix",
-                                reason="downsampled", location=r["location"], text=r["text"][:20_000]))
+                                reason="downsampled", location=r["location"], text=r["text"][:PREVIEW],
+                                duplicate_of=""))
         (work / f"{u.uid}.rejected.parquet").replace(out / "rejected" / f"unit-{u.uid}.parquet")
         offset += m
     shards = writer.close()
@@ -288,10 +305,12 @@ def _manifest(rec, specs, blocks, stats, domains, tokens, removed, exact_root, r
         "line_edits": {k: v for k, v in sorted(counts.items()) if k.startswith("c4_")},
         "dedup": {"exact": {"enabled": rec.dedup.exact, "removed": exact_removed},
                   "minhash": {"enabled": rec.dedup.minhash, **asdict(mh), "threshold": round(mh.threshold, 3),
+                              "verified": "exact Jaccard with the survivor >= jaccard",
                               "removed": int(removed.sum()) - exact_removed,
                               "clusters": int((sizes > 1).sum()), "documents_in_clusters": int(in_cluster.sum()),
                               "largest_cluster": int(sizes.max()) if n else 0},
-                  "survivor": "first document in input order; cluster_id is its id"},
+                  "survivor": "first document in input order; cluster_id is its id, and duplicate_of in "
+                              "rejected/dedup.parquet"},
         "mix": {"weights": rec.mix.weights, "token_counter": rec.mix.tokenizer or "pre-tokenizer estimate",
                 "tokens_before": before, "rates": {d: round(r, 4) for d, r in rates.items()},
                 "tokens_after": dict(after), "share_after": {d: round(v / total_after, 4) for d, v in after.items()},

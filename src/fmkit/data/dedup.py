@@ -1,9 +1,16 @@
-"""Deduplication: exact (hash of normalised text) and near-duplicate (MinHash LSH over word 5-grams).
+"""Deduplication: exact (hash of normalised text) and near-duplicate (MinHash LSH over word 5-grams, verified).
 
 Signatures are computed per document where the filters run (in the workers); clustering happens once over all
-signatures. Defaults follow datatrove: text normalised (lowercase, punctuation removed, numbers replaced by 0,
-diacritics stripped, whitespace collapsed), word 5-gram shingles, 14 bands x 8 rows = 112 permutations, which puts
-the 50% detection point near Jaccard (1/14)^(1/8) = 0.72. MinHash itself comes from `rensa` (Rust).
+signatures. Text is normalised as in datatrove (lowercase, punctuation removed, numbers replaced by 0, diacritics
+stripped, whitespace collapsed) and cut into word 5-gram shingles. MinHash itself comes from `rensa` (Rust).
+
+LSH only proposes candidates; the exact Jaccard of the shingle sets decides. datatrove's 14 bands x 8 rows puts
+the 50% detection point near Jaccard 0.72, so pairs at 0.70-0.85 are found only ~80-90% of the time, and its
+union of every bucket chains documents that are far from the one kept. Here 28 bands x 4 rows (the same 112
+permutations) proposes a pair at Jaccard 0.7 with probability 0.9995; the extra candidates this brings below
+the cut are rejected exactly, and a document is removed only when its own Jaccard with its cluster's survivor
+is at least `jaccard` (0.7), never through a chain. The price: when clustering, the candidates' texts are read
+and shingled once more and their shingle sets held in memory together (a few seconds for 20 MB of candidates).
 
 The survivor of every cluster is the document that comes first in input order (source order in the recipe, then
 file order, then position in the file), so the result does not depend on the number of workers or on timing. The
@@ -14,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,9 +49,10 @@ def exact_hash(text: str) -> int:
 @dataclass
 class MinHashConfig:
     ngram: int = 5
-    bands: int = 14
-    rows: int = 8
+    bands: int = 28
+    rows: int = 4
     seed: int = 1
+    jaccard: float = 0.7        # exact word n-gram Jaccard with the survivor at or above which a document goes
 
     @property
     def num_perm(self) -> int:
@@ -51,7 +60,7 @@ class MinHashConfig:
 
     @property
     def threshold(self) -> float:
-        """The Jaccard similarity at which a pair is found with probability ~50%."""
+        """The Jaccard similarity at which LSH proposes a pair with probability ~50%."""
         return (1 / self.bands) ** (1 / self.rows)
 
 
@@ -76,23 +85,18 @@ def signatures(texts: list[str], cfg: MinHashConfig) -> np.ndarray:
     return out
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
+def shingle_set(text: str, n: int) -> np.ndarray:
+    """The distinct shingles of `text` as sorted 64-bit hashes (compact, and fast to intersect)."""
+    # Python's string hash: salted per process, which is fine for sets compared within one process.
+    return np.unique(np.fromiter(map(hash, shingles(text, n)), dtype=np.int64))
 
-    def find(self, x: int) -> int:
-        p = self.parent
-        while p[x] != x:
-            p[x] = p[p[x]]
-            x = p[x]
-        return x
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:  # the smaller index (earlier in input order) becomes the root: the survivor
-            if rb < ra:
-                ra, rb = rb, ra
-            self.parent[rb] = ra
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard similarity of two `shingle_set`s."""
+    if not len(a) or not len(b):
+        return 0.0
+    both = len(np.intersect1d(a, b, assume_unique=True))
+    return both / (len(a) + len(b) - both)
 
 
 def exact_clusters(hashes: np.ndarray) -> np.ndarray:
@@ -101,23 +105,47 @@ def exact_clusters(hashes: np.ndarray) -> np.ndarray:
     return np.array([first.setdefault(int(h), i) for i, h in enumerate(hashes)], dtype=np.int64)
 
 
-def minhash_clusters(sigs: np.ndarray, cfg: MinHashConfig, skip: np.ndarray | None = None) -> np.ndarray:
-    """Union documents sharing any LSH band; returns each document's cluster root (earliest member) index.
+def _buckets(sigs: np.ndarray, cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket id, shared) per band and document: ids unique across bands; shared where another document has it."""
+    n = len(sigs)
+    ids = np.empty((cfg.bands, n), dtype=np.int64)
+    shared = np.zeros((cfg.bands, n), dtype=bool)
+    for b in range(cfg.bands):
+        band = np.ascontiguousarray(sigs[:, b * cfg.rows:(b + 1) * cfg.rows])
+        keys = band.view(np.dtype((np.void, band.dtype.itemsize * cfg.rows))).ravel()
+        _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        ids[b] = inverse.ravel() + b * n
+        shared[b] = counts[inverse.ravel()] > 1
+    return ids, shared
 
-    Documents with `skip` set (already removed, e.g. exact duplicates) and empty signatures take no part.
+
+def minhash_clusters(sigs: np.ndarray, cfg: MinHashConfig, texts: Callable[[np.ndarray], Sequence[str]],
+                     skip: np.ndarray | None = None) -> np.ndarray:
+    """Each document's cluster root index: the earliest survivor that shares an LSH band with it, or with a member
+    of its cluster, and whose exact Jaccard with it is at least `cfg.jaccard`; itself when there is none.
+
+    `texts(indices)` returns those documents' texts; only LSH candidates are read. Documents with `skip` set
+    (already removed, e.g. exact duplicates) and empty signatures take no part.
     """
     n = len(sigs)
-    uf = _UnionFind(n)
+    root = np.arange(n, dtype=np.int64)
     active = np.ones(n, dtype=bool) if skip is None else ~skip
     active &= ~(sigs == np.iinfo(np.uint32).max).all(axis=1)
     idx = np.flatnonzero(active)
-    if len(idx):
-        for b in range(cfg.bands):
-            band = np.ascontiguousarray(sigs[idx, b * cfg.rows:(b + 1) * cfg.rows])
-            keys = band.view(np.dtype((np.void, band.dtype.itemsize * cfg.rows))).ravel()
-            order = np.argsort(keys, kind="stable")
-            sorted_keys = keys[order]
-            same = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
-            for j in same:  # consecutive equal keys: join neighbours, which chains the whole bucket
-                uf.union(int(idx[order[j]]), int(idx[order[j + 1]]))
-    return np.array([uf.find(i) for i in range(n)], dtype=np.int64)
+    if not len(idx):
+        return root
+    ids, shared = _buckets(sigs[idx], cfg)
+    cand = np.flatnonzero(shared.any(axis=0))          # positions in idx, ascending: input order
+    sets = dict(zip(idx[cand].tolist(), (shingle_set(t, cfg.ngram) for t in texts(idx[cand]))))
+    survivors_in: dict[int, list[int]] = {}             # bucket -> survivors of the documents seen in it
+    for p in cand.tolist():
+        j = int(idx[p])
+        buckets = ids[shared[:, p], p].tolist()
+        proposed = sorted({r for bucket in buckets for r in survivors_in.get(bucket, ())})
+        # Compared with the survivor itself, not with the member that shares the bucket: no chains.
+        root[j] = next((r for r in proposed if jaccard(sets[r], sets[j]) >= cfg.jaccard), j)
+        for bucket in buckets:
+            kept = survivors_in.setdefault(bucket, [])
+            if root[j] not in kept:
+                kept.append(int(root[j]))
+    return root

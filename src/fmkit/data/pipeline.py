@@ -73,7 +73,8 @@ def rejected_schema():
     import pyarrow as pa
 
     return pa.schema([("id", pa.string()), ("source", pa.string()), ("domain", pa.string()), ("block", pa.string()),
-                      ("reason", pa.string()), ("location", pa.string()), ("text", pa.string())])
+                      ("reason", pa.string()), ("location", pa.string()), ("text", pa.string()),
+                      ("duplicate_of", pa.string())])   # dedup: the id of the document kept instead
 
 
 def run_unit(job: dict, spec_dict: dict, unit_dict: dict) -> dict:
@@ -92,7 +93,7 @@ def run_unit(job: dict, spec_dict: dict, unit_dict: dict) -> dict:
         docs_in += 1
         if isinstance(item, Rejected):
             rejected.append(dict(id=item.id, source=spec.name, domain=domain, block="read", reason=item.reason,
-                                 location=item.location, text=item.text))
+                                 location=item.location, text=item.text, duplicate_of=""))
             continue
         doc, reason, by = item, None, None
         for i, block in enumerate(blocks):
@@ -115,7 +116,7 @@ def run_unit(job: dict, spec_dict: dict, unit_dict: dict) -> dict:
         counts.update(doc.counts)
         if reason is not None:
             rejected.append(dict(id=doc.id, source=spec.name, domain=domain, block=by, reason=reason,
-                                 location=doc.location, text=doc.text[:PREVIEW]))
+                                 location=doc.location, text=doc.text[:PREVIEW], duplicate_of=""))
         else:
             kept.append(doc)
     texts = [d.text for d in kept]

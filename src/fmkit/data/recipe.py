@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import load_recipe, unknown_key
 from ..errors import FmkitError
+from .dedup import MinHashConfig
 from .filters import C4Quality, CodeQuality, GopherQuality, GopherRepetition
 from .pii import PIIRedact
 from .sources import SourceSpec, infer_type
@@ -21,10 +22,11 @@ DEFAULT_PIPELINE = ["gopher_quality", "gopher_repetition", "code", "pii", "toxic
 class DedupConfig:
     exact: bool = True          # drop documents whose normalised text is identical to an earlier one
     minhash: bool = True        # drop near-duplicates found by MinHash LSH
-    ngram: int = 5              # word n-gram shingles
-    bands: int = 14
-    rows: int = 8               # hashes per band; bands * rows permutations
-    seed: int = 1
+    ngram: int = MinHashConfig.ngram    # word n-gram shingles
+    bands: int = MinHashConfig.bands
+    rows: int = MinHashConfig.rows      # hashes per band; bands * rows permutations
+    seed: int = MinHashConfig.seed
+    jaccard: float = MinHashConfig.jaccard   # exact Jaccard with the survivor that makes a near-duplicate
 
 
 @dataclass
@@ -125,6 +127,8 @@ def load_curate_recipe(path=None, overrides=None) -> CurateRecipe:
     where = str(path) if path else "the command line"
     build_blocks(recipe.pipeline, where)
     build_sources(recipe.sources, where)
+    if not 0 < recipe.dedup.jaccard <= 1:
+        raise FmkitError(f"dedup.jaccard in {where} must be above 0 and at most 1, got {recipe.dedup.jaccard!r}")
     if recipe.executor not in ("local", "ray"):
         raise FmkitError(f"executor '{recipe.executor}' in {where}: use local or ray")
     for dom, w in recipe.mix.weights.items():

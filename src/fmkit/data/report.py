@@ -18,9 +18,10 @@ def _tables(m: dict) -> list[tuple[str, list[str], list[list]]]:
     blocks = [[b["block"], b["seen"], b["kept"], b["dropped"], b["modified"],
                ", ".join(f"{k} {v}" for k, v in list(b["dropped_by"].items())[:4])] for b in m["blocks"]]
     mh = m["dedup"]["minhash"]
+    verified = f", exact Jaccard >= {mh['jaccard']}" if "jaccard" in mh else ""   # older datasets: LSH only
     dedup = [["exact", m["dedup"]["exact"]["removed"], "", ""],
-             ["minhash", mh["removed"], mh["clusters"], f"{mh['ngram']}-grams, {mh['bands']}x{mh['rows']}, "
-              f"~{mh['threshold']} Jaccard"]]
+             ["minhash", mh["removed"], mh["clusters"], f"{mh['ngram']}-grams, {mh['bands']}x{mh['rows']} LSH "
+              f"(~{mh['threshold']} Jaccard){verified}"]]
     mix = m["mix"]
     domains = sorted(set(mix["tokens_before"]) | set(mix["tokens_after"]))
     mixes = [[d, mix["tokens_before"].get(d, 0), mix["weights"].get(d, ""), mix["rates"].get(d, ""),

@@ -133,7 +133,7 @@ def _check_text(text: str, spec: SourceSpec) -> str | None:
 PREVIEW = 20_000   # characters of a rejected document kept in rejected/ (enough to judge why it went)
 
 
-def read_text(path) -> tuple[str | None, str, bytes]:
+def _read_text(path) -> tuple[str | None, str, bytes]:
     """(text, "", raw bytes) for a readable UTF-8 text file; otherwise (None, why, what could be read), why being
     unreadable (...), empty, binary or invalid utf-8 (with the offending byte's offset)."""
     try:
@@ -153,7 +153,7 @@ def read_text(path) -> tuple[str | None, str, bytes]:
 def read_file(spec: SourceSpec, path, doc_id: str) -> Doc | Rejected:
     """One text file as one document."""
     path = str(path)
-    text, why, raw = read_text(path)
+    text, why, raw = _read_text(path)
     if why == "binary":
         return Rejected(doc_id, why, path, raw[:200].decode("latin-1"))
     if why.startswith("invalid utf-8"):
