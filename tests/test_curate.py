@@ -255,7 +255,7 @@ def test_dataset_feeds_tokenizer_and_pack_with_lineage(tmp_path, corpus):
 
 
 def test_ngram_index_over_dataset_and_shards(tmp_path, corpus):
-    from fmkit.data.contamination import NGramIndex, build_ngram_index
+    from fmkit.evals.ngrams import NGramIndex, build_ngram_index
     from fmkit.tokenize.pack import pack
     from fmkit.tokenize.tokenizer import train_tokenizer
     from fmkit.models.io import load_tokenizer

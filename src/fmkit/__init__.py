@@ -28,7 +28,7 @@ API = {
     "Chat": "fmkit.conversation:Chat",
     "get_model": "fmkit.providers:get_model",
     "validate_jsonl": "fmkit.adapt.chat_data:validate_jsonl",
-    "NGramIndex": "fmkit.data.contamination:NGramIndex",
+    "NGramIndex": "fmkit.evals.ngrams:NGramIndex",
 }
 
 __all__ = ["FmkitError", *(v.python_name for v in VERBS), *API]

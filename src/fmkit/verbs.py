@@ -39,7 +39,7 @@ VERBS = (
     Verb("quickstart", "fmkit.lifecycle:quickstart"),
     Verb("curate run", "fmkit.data.curate:curate", default=True, overrides="overrides"),
     Verb("curate report", "fmkit.data.report:curate_report"),
-    Verb("curate ngrams", "fmkit.data.contamination:build_ngram_index"),
+    Verb("curate ngrams", "fmkit.evals.ngrams:build_ngram_index"),
     Verb("tokenizer train", "fmkit.tokenize.tokenizer:train_tokenizer"),
     Verb("pack", "fmkit.tokenize.pack:pack"),
     Verb("pretrain", "fmkit.train.pretrain:pretrain", overrides="overrides"),

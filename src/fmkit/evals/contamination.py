@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.contamination import NGramIndex, build_ngram_index
 from ..data.dataset import is_dataset, read_dataset
+from .ngrams import NGramIndex, build_ngram_index
 
 _WS = re.compile(r"\s+")
 

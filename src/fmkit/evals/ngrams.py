@@ -3,7 +3,8 @@
 Text is lowercased, punctuation stripped and split on whitespace; each window of n words (13 by default, as in
 the GPT-3 and Llama contamination studies) is hashed to 64 bits. For token shards the windows are over token ids,
 within documents. The index is a sorted array of unique hashes (`ngrams-<n>.npy`) with `ngrams-<n>.json`
-beside it; the evaluation stage asks it what fraction of a benchmark item's n-grams occur in the training data.
+beside it; the contamination check (contamination.py) asks it what fraction of a benchmark item's n-grams occur
+in the training data. It lives in the evaluation stage because it reads both the dataset and the token shards.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.dataset import MANIFEST, is_dataset, read_dataset
 from ..errors import FmkitError
-from .dataset import MANIFEST, is_dataset, read_dataset
 
 _STRIP = re.compile(r"[^\w\s]|_")
 _MULT = np.uint64(0x9E3779B97F4A7C15)
