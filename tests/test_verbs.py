@@ -93,3 +93,19 @@ def test_json_prints_the_result(tmp_path):
 
     doc = json.loads(out.output)
     assert doc["registry"].endswith("registry.db") and doc["artifacts"] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pack", "stdlib"], "Missing argument 'TOKENIZER'"),
+    (["generate", "m", "--dtype", "fp16"], "'fp16' is not one of 'auto', 'fp32', 'bf16'"),
+    (["finetune", "m", "d.jsonl", "--no-such-flag"], "No such option '--no-such-flag'"),
+    (["rag", "index", "docs", "idx", "--meta", "lang"], "--meta takes key=value"),
+])
+def test_command_line_mistakes_are_one_line(args, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fmkit", *args], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+        proc.stderr

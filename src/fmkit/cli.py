@@ -115,8 +115,9 @@ def command(verb: Verb) -> click.Command:
         positional = p.default is p.empty or (verb.overrides and names.index(p.name) < names.index(verb.overrides))
         if positional:
             required = p.default is p.empty
+            # no default at all for a required argument: click counts even None as a value given
             params.append(click.Argument([p.name], type=kind.type, nargs=-1 if kind.many else 1, required=required,
-                                         default=None if required else p.default))
+                                         **({} if required else {"default": p.default})))
             arg_help.append((p.name.upper() + ("..." if kind.many else ""), help_))
             continue
         decls = option_names(verb, p.name)
@@ -218,8 +219,9 @@ def _top_level() -> list[Verb]:
     return out
 
 
-app = Group("fmkit", _top_level(), help="fmkit: curate, tokenize, pre-train, adapt, evaluate and serve foundation "
-            "models. Each verb is also a Python function: fmkit.VERB(...) takes the same arguments.",
+app = Group("fmkit", _top_level(), help="fmkit: curate data, train a tokenizer, pre-train, adapt, evaluate, generate "
+            "and chat with foundation models. Each verb is also a Python function: fmkit.VERB(...) takes the same "
+            "arguments.",
             no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 
 
@@ -241,7 +243,9 @@ def _artifact(result, kw) -> None:
 def _curated(path, kw) -> None:
     from .progress import report as console
 
-    m = json.loads((Path(path) / "manifest.json").read_text())
+    from .data.dataset import dataset_manifest
+
+    m = dataset_manifest(path)
     for s in m["sources"]:
         console.print(f"{s['name']}: {s['documents_in']:,} in, {s['kept']:,} kept, {s['rejected']:,} rejected "
                       + (f"({', '.join(f'{k} {v}' for k, v in list(s['rejected_by'].items())[:5])})"

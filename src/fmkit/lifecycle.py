@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from .data.curate import curate
+from .data.dataset import dataset_manifest
 from .models.generate import Generator
 from .plots import loss_curve
 from .progress import report as console
@@ -89,9 +90,7 @@ def quickstart(workspace: str | Path | None = None, steps: int | None = None, vo
 
 
 def _print_curation(dataset: Path) -> None:
-    import json
-
-    m = json.loads((dataset / "manifest.json").read_text())
+    m = dataset_manifest(dataset)
     for s in m["sources"]:
         top = ", ".join(f"{k} {v}" for k, v in list(s["rejected_by"].items())[:4])
         console.print(f"   {s['documents_in']:,} documents in, {s['kept']:,} kept, {s['rejected']:,} rejected"

@@ -112,7 +112,7 @@ def registry(kind: str | None = None, workspace: str | Path | None = None) -> di
     """List the workspace's artifacts and runs with their lineage.
 
     Args:
-        kind: Only artifacts of this kind (dataset, tokenizer, shards, model, adapter, eval).
+        kind: Only artifacts of this kind (dataset, tokenizer, shards, model, adapter, rag-index, eval).
         workspace: Workspace folder (default $FMKIT_WORKSPACE or ./fmkit-workspace).
 
     Returns {registry: the database file, artifacts: [{id, kind, path, parents, meta}], runs: [{id, kind, status,

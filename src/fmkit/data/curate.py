@@ -29,12 +29,26 @@ from .sources import PREVIEW, plan_units
 
 
 def curate(recipe: str | Path | CurateRecipe | None = None, overrides: list[str] | dict | None = None,
-           workers: int | None = None, resume: bool = True) -> Path:
-    """Run a curation recipe; returns the dataset folder (Parquet shards, manifest.json, rejected/)."""
+           workers: int | None = None, resume: bool = True, workspace: str | Path | None = None) -> Path:
+    """Curate raw sources into a dataset: filter, deduplicate, redact PII, score toxicity, balance domains.
+
+    Writes Parquet shards, manifest.json (every filter's kept/dropped counts by reason, dedup stats) and rejected/
+    (each dropped document with its reason); returns the dataset folder. An interrupted run continues from its
+    finished units when run again with the same recipe.
+
+    Args:
+        recipe: The curation recipe YAML (sources, pipeline, dedup, mix).
+        overrides: Recipe overrides such as --dedup.jaccard=0.8 or --out=PATH.
+        workers: Worker processes (default: the recipe's; 0 = one per core).
+        resume: Reuse the finished units of an interrupted run (--no-resume starts over).
+        workspace: Workspace folder (default: the recipe's, else $FMKIT_WORKSPACE or ./fmkit-workspace).
+    """
     rec = recipe if isinstance(recipe, CurateRecipe) else load_curate_recipe(recipe, overrides)
     where = str(recipe) if isinstance(recipe, (str, Path)) else "the recipe"
     if workers is not None:
         rec.workers = workers
+    if workspace is not None:
+        rec.workspace = str(workspace)
     specs = build_sources(rec.sources, where)
     blocks = build_blocks(rec.pipeline, where)
     ws = Workspace(rec.workspace or None)

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from ..progress import report as console
+from ..workspace import locate
 from .dataset import dataset_manifest
 
 
@@ -82,9 +83,14 @@ def _plot(m: dict, folder: Path) -> Path:
     return png
 
 
-def curate_report(dataset: str | Path) -> tuple[Path, Path]:
-    """Print the dataset's accounting and write report.png and report.html next to its manifest."""
-    folder = Path(dataset)
+def curate_report(dataset: str | Path, workspace: str | Path | None = None) -> tuple[Path, Path]:
+    """Summarise a dataset: its accounting as tables, plus report.png and report.html next to its manifest.
+
+    Args:
+        dataset: A curated dataset folder, or its name in the workspace's datasets/.
+        workspace: Workspace folder where a bare dataset name is looked up.
+    """
+    folder = locate(dataset, "datasets", workspace)
     m = dataset_manifest(folder)
     parts = [f"<h1>{html.escape(m['name'])}</h1><p>{m['documents_in']:,} documents in, "
              f"{m['output']['documents']:,} kept ({m['output']['tokens']:,} tokens), "

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..data.dataset import MANIFEST, is_dataset, read_dataset
 from ..errors import FmkitError
+from ..workspace import locate
 
 _STRIP = re.compile(r"[^\w\s]|_")
 _MULT = np.uint64(0x9E3779B97F4A7C15)
@@ -84,9 +85,21 @@ class NGramIndex:
         return int(self._hits(h).sum()), len(h)
 
 
-def build_ngram_index(source: str | Path, n: int = 13, out: str | Path | None = None) -> Path:
-    """Index the n-grams of a curated dataset (words) or a token-shards folder (token ids); returns the .npy path."""
-    src = Path(source)
+def build_ngram_index(source: str | Path, n: int = 13, out: str | Path | None = None,
+                      workspace: str | Path | None = None) -> Path:
+    """Index the n-grams of a dataset (words) or of token shards (token ids), for contamination checks.
+
+    Returns the .npy path (default: ngrams-N.npy inside the source folder); fmkit eval finds it from a model's
+    lineage.
+
+    Args:
+        source: A curated dataset or token-shards folder, or its name in the workspace's datasets/ or shards/.
+        n: Words (or tokens) per n-gram.
+        out: Where to write the index (default: ngrams-N.npy in the source folder).
+        workspace: Workspace folder where a bare dataset or shards name is looked up.
+    """
+    src = locate(source, "datasets", workspace)
+    src = src if src.exists() else locate(source, "shards", workspace)
     chunks, docs = [], 0
     if is_dataset(src):
         unit, cache = "words", {}
