@@ -164,3 +164,41 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path, shards_dir):
 def test_compiled_blocks_train(tmp_path, shards_dir):
     out = pretrain(None, tiny_overrides(shards_dir, tmp_path / "m", **{"train.steps": 3, "train.compile": True}))
     assert len([r for r in read_metrics(out) if "loss" in r]) == 3
+
+
+def test_trainer_state_round_trips_through_a_checkpoint_with_the_grad_scaler(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fmkit.train.loop import _optimizer
+
+    def parts(seed):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, tie_word_embeddings=True))
+        optimizer = _optimizer(model, TrainConfig(lr=1e-2))
+        # fp16 training scales losses on CUDA; the CPU scaler has the same state, so the path is tested here
+        return model, optimizer, torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+
+    model, optimizer, scaler = parts(0)
+    x = torch.randint(0, 64, (2, 8))
+    for step in range(3):   # an overflow (the scale backs off), then steps that count towards growth
+        loss = model(input_ids=x, labels=x).loss * (float("inf") if step == 0 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    state = ckpt.TrainerState(model, optimizer, scaler, "fp16", {"run": {"run_id": "r1"}})
+    state.step, state.tokens_seen = 3, 48
+    ckpt.save_checkpoint(tmp_path, state.state_dict())
+    after_save = torch.rand(4)
+
+    restored = ckpt.TrainerState(*parts(1), "fp16")
+    restored.load_state_dict(ckpt.read_checkpoint(tmp_path / "step-000003"))
+    assert scaler.state_dict()["scale"] == 512.0 and scaler.state_dict()["_growth_tracker"] == 2
+    assert restored.scaler.state_dict() == scaler.state_dict()
+    assert (restored.step, restored.tokens_seen) == (3, 48)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.model.state_dict().values()))
+    moments = [(s["exp_avg"], r["exp_avg"]) for s, r in zip(optimizer.state.values(),
+                                                            restored.optimizer.state.values())]
+    assert moments and all(torch.equal(a, b) for a, b in moments)
+    assert torch.equal(torch.rand(4), after_save)   # the RNG continues where the saved run was

@@ -1,4 +1,8 @@
-"""Checkpoints: `step-NNNNNN/` with model, optimizer, RNG and trainer state, made visible only when complete.
+"""Checkpoints: `step-NNNNNN/` with everything a restart needs, made visible only when complete.
+
+What a restart needs is one state dict, `TrainerState.state_dict()` (PyTorch's Stateful idea, as in torchtitan):
+model, optimizer, fp16 grad scaler, RNG and where the run is. `save_checkpoint` writes that dict and
+`read_checkpoint` returns it, so saving and resuming treat every part the same way.
 
 Files are written into a hidden temporary folder, fsynced, and the folder is renamed into place: a crash mid-write
 leaves only the temporary folder, which is never mistaken for a checkpoint and is removed on the next save.
@@ -14,10 +18,47 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from ..errors import FmkitError
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class TrainerState:
+    """Model, optimizer, grad scaler (fp16 only), RNG, step and tokens seen, saved and restored as one state dict.
+
+    `meta` (model config, run id) is recorded with each checkpoint for checks and lineage, not restored."""
+
+    def __init__(self, model, optimizer, scaler=None, precision: str = "fp32", meta: dict | None = None):
+        self.model, self.optimizer, self.scaler, self.precision = model, optimizer, scaler, precision
+        self.meta = meta or {}
+        self.step = self.tokens_seen = 0
+
+    def state_dict(self) -> dict:
+        """{"model", "optim", "rng": tensors, "state": JSON}; under FSDP every rank must call it (it gathers)."""
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        return {"model": get_model_state_dict(self.model, options=FULL),
+                "optim": get_optimizer_state_dict(self.model, self.optimizer, options=FULL), "rng": rng,
+                "state": {**self.meta, "step": self.step, "tokens_seen": self.tokens_seen,
+                          "precision": self.precision, "scaler": self.scaler.state_dict() if self.scaler else None}}
+
+    def load_state_dict(self, saved: dict) -> None:
+        set_model_state_dict(self.model, saved["model"], options=StateDictOptions(full_state_dict=True, strict=False))
+        self.model.tie_weights()
+        set_optimizer_state_dict(self.model, self.optimizer, saved["optim"],
+                                 options=StateDictOptions(full_state_dict=True))
+        torch.set_rng_state(saved["rng"]["torch"])
+        if "cuda" in saved["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["rng"]["cuda"])
+        if self.scaler is not None and saved["state"].get("scaler"):
+            self.scaler.load_state_dict(saved["state"]["scaler"])
+        self.step, self.tokens_seen = saved["state"]["step"], saved["state"]["tokens_seen"]
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -41,24 +82,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str | Path, step: int, model_state: dict, optim_state: dict, trainer_state: dict,
-                    keep_last: int = 2) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep_last` (0 keeps all)."""
-    root = Path(root)
+def save_checkpoint(root: str | Path, saved: dict, keep_last: int = 2) -> Path:
+    """Write a `TrainerState.state_dict()` atomically as checkpoint `step-N` and keep only the newest `keep_last`
+    (0 keeps all)."""
+    root, step = Path(root), saved["state"]["step"]
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     final = step_dir(root, step)
     tmp = root / f".{final.name}.tmp"
     tmp.mkdir()
-    save_file(_untie(model_state), tmp / "model.safetensors")
-    torch.save(optim_state, tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, tmp / "rng.safetensors")
+    save_file(_untie(saved["model"]), tmp / "model.safetensors")
+    torch.save(saved["optim"], tmp / "optimizer.pt")
+    save_file(saved["rng"], tmp / "rng.safetensors")
     files = {f.name: f.stat().st_size for f in tmp.iterdir()}
-    state = {**trainer_state, "step": step, "files": files}
+    state = {**saved["state"], "files": files}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
     for f in tmp.iterdir():
         with open(f, "rb+") as fh:
@@ -85,7 +123,7 @@ def _untie(state: dict) -> dict:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Load and verify a checkpoint folder: trainer state, model state, optimizer state, RNG state."""
+    """Load and verify a checkpoint folder; returns what `TrainerState.load_state_dict` takes."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from ..config import TrainConfig
 from ..errors import FmkitError
@@ -26,8 +24,6 @@ from . import checkpoint as ckpt
 from . import parallel
 from .metrics import MetricsLog, flops_per_token, lm_metrics
 from .precision import autocast, choose_precision, compute_dtype
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 class TrainingInterrupted(FmkitError):
@@ -82,51 +78,45 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
     precision = choose_precision(cfg.precision, d.device)
-    torch.manual_seed(cfg.seed)
-
-    start_step, tokens_seen, loaded = 0, 0, None
-    if resume:
-        found = ckpt.list_checkpoints(ckpt_root)
-        if not found:
-            raise FmkitError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
-        loaded = ckpt.read_checkpoint(found[-1])
+    found = ckpt.list_checkpoints(ckpt_root)
+    if resume and not found:
+        raise FmkitError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
+    if found and not resume:
+        raise FmkitError(f"{out_dir} already has checkpoints; pass --resume to continue, or choose another --out")
+    loaded = ckpt.read_checkpoint(found[-1]) if resume else None
+    if loaded:
         ckpt.check_same_shape(loaded, model, found[-1])
+        if cfg.precision == "auto" and loaded["state"].get("precision"):
+            precision = loaded["state"]["precision"]  # what `auto` chose when the run started, so resume is exact
+    # the peak probe multiplies random matrices: drawn after the seed (or a resumed run's RNG) it would move them
+    peak = matmul_tflops(compute_dtype(precision), d.device) * d.world * 1e12
+    torch.manual_seed(cfg.seed)
     model.to(d.device)
     module = parallel.wrap(model, objective, cfg.parallel, d, cfg.compile, cfg.activation_checkpointing)
     module.train()
     optimizer = _optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(d.device.split(":")[0]) if precision == "fp16" else None
+    trainer = ckpt.TrainerState(model, optimizer, scaler, precision,
+                                {"model_config": model.config.to_dict(), "run": run_info or {}})
     if loaded:
-        set_model_state_dict(model, loaded["model"], options=StateDictOptions(full_state_dict=True, strict=False))
-        model.tie_weights()
-        set_optimizer_state_dict(model, optimizer, loaded["optim"], options=StateDictOptions(full_state_dict=True))
-        torch.set_rng_state(loaded["rng"]["torch"])
-        if "cuda" in loaded["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(loaded["rng"]["cuda"])
-        start_step, tokens_seen = loaded["state"]["step"], loaded["state"]["tokens_seen"]
-        if cfg.precision == "auto" and loaded["state"].get("precision"):
-            precision = loaded["state"]["precision"]  # what `auto` chose when the run started, so resume is exact
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        trainer.load_state_dict(loaded)
+    start_step, tokens_seen = trainer.step, trainer.tokens_seen
 
     n_params = count_parameters(model)
     cfg_model = model.config
     layers = getattr(cfg_model, "num_hidden_layers", None) or getattr(cfg_model, "num_layers", 1)
     hidden = getattr(cfg_model, "hidden_size", None) or getattr(cfg_model, "d_model", 1)
     flops_tok = flops_per_token(n_params, layers, hidden, cfg.seq_len)
-    peak = matmul_tflops(compute_dtype(precision), d.device) * d.world * 1e12
     # variable-length batches (SFT) say how many tokens a step holds on average; packed windows are full
     tokens_per_step = getattr(batches, "tokens_per_step", batches.global_batch * cfg.seq_len)
     log = MetricsLog(out_dir, enabled=d.main, resume_step=start_step)
     val = val_batches or []
     history: list[dict] = []
-    model_config = cfg_model.to_dict()
 
-    def save(step: int) -> None:
-        model_sd = get_model_state_dict(model, options=FULL)
-        optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL)
+    def save() -> None:
+        saved = trainer.state_dict()
         if d.main:
-            ckpt.save_checkpoint(ckpt_root, step, model_sd, optim_sd,
-                                 {"tokens_seen": tokens_seen, "model_config": model_config, "run": run_info or {},
-                                  "precision": precision}, cfg.keep_last)
+            ckpt.save_checkpoint(ckpt_root, saved, cfg.keep_last)
         if d.world > 1:
             torch.distributed.barrier()
 
@@ -178,8 +168,9 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
                 else:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens_seen += tokens_per_step
+                trainer.step += 1
+                trainer.tokens_seen += tokens_per_step
+                step, tokens_seen = trainer.step, trainer.tokens_seen
                 last = step == cfg.steps
                 if step % cfg.log_every == 0 or last or step == start_step + 1:
                     loss_avg, = parallel.all_mean([loss_sum / cfg.grad_accum], d)
@@ -205,14 +196,14 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
                                + (f"  val_loss {record['val_loss']:.3f}" if "val_loss" in record else "")
                                + f"  {tps:,.0f} tok/s  MFU {record['mfu']:.1%}  eta {eta:.0f}s")
                 if (cfg.save_every and step % cfg.save_every == 0) or last:
-                    save(step)
+                    save()
                 bar.update(task, completed=step)
         except KeyboardInterrupt:
             if step > start_step and not ckpt.step_dir(ckpt_root, step).exists():
-                save(step)
+                save()
             log.close()
             raise TrainingInterrupted(f"interrupted at step {step}; checkpoint in {ckpt_root}, continue with "
                                       "--resume") from None
     log.close()
-    final = get_model_state_dict(model, options=FULL)
+    final = get_model_state_dict(model, options=ckpt.FULL)
     return TrainResult(step, tokens_seen, history, final if d.main else None, precision, time.time() - started)

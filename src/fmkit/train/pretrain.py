@@ -8,9 +8,9 @@ from typing import Callable
 from ..config import Recipe, load_recipe, recipe_dict
 from ..errors import FmkitError
 from ..models.build import OBJECTIVE_FOR_ARCH, arch_of, auto_class, build_model, count_parameters, max_positions, model_config
-from ..models.io import load_model, load_weights, save_model
+from ..models.io import load_model, load_tokenizer, load_weights, save_model
 from ..tokenize.shards import TokenShards
-from ..tokenize.tokenizer import EOS, MASK, PAD, load_tokenizer, sentinel
+from ..tokenize.tokenizer import EOS, MASK, PAD, sentinel
 from ..workspace import Workspace, default_root, read_manifest
 from . import parallel
 from .data import PretrainBatches
@@ -78,8 +78,6 @@ def pretrain(recipe: str | Path | None = None, overrides: list[str] | dict | Non
     d = parallel.init(cfg.device)
     ws = Workspace(rec.workspace or None) if d.main else None
     out = Path(rec.out) if rec.out else (Path(rec.workspace) if rec.workspace else default_root()) / "models" / rec.name
-    if not resume and d.main and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise FmkitError(f"{out} already has checkpoints; pass --resume to continue, or choose another --out")
     batches = PretrainBatches(shards, cfg.batch_size, cfg.seq_len, cfg.grad_accum, cfg.seed, d.rank, d.world, extra)
     val_batches, bpt = [], shards.bytes_per_token
     if rec.data.val_shards:
