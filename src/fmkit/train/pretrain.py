@@ -70,9 +70,22 @@ def prepare(recipe: Recipe):
 
 
 def pretrain(recipe: str | Path | None = None, overrides: list[str] | dict | None = None, resume: bool = False,
-             on_log: Callable[[dict], None] | None = None) -> Path:
-    """Pre-train (or continue pre-training) a model as the recipe says; returns the saved model folder."""
+             workspace: str | Path | None = None, on_log: Callable[[dict], None] | None = None) -> Path:
+    """Pre-train (or continue pre-training) a model from token shards, as a recipe says.
+
+    Any recipe key can be overridden, e.g. --train.steps=2000 --train.lr=3e-4 --model.preset=10m
+    --data.shards=PATH. Under torchrun it trains with DDP (default) or FSDP2 (--train.parallel=fsdp). Returns the
+    saved model folder. `on_log` (Python only) receives each logged record.
+
+    Args:
+        recipe: Recipe YAML (sections: data, model, train); without one, the defaults plus overrides.
+        overrides: Recipe overrides: --section.key=value (e.g. --train.steps=2000).
+        resume: Continue from the newest checkpoint in the output folder, exactly where it stopped.
+        workspace: Workspace folder (default: the recipe's, else $FMKIT_WORKSPACE or ./fmkit-workspace).
+    """
     rec = load_recipe(recipe, overrides)
+    if workspace is not None:
+        rec.workspace = str(workspace)
     cfg = rec.train
     shards, tok_dir, model, objective, extra = prepare(rec)
     d = parallel.init(cfg.device)
