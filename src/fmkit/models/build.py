@@ -48,9 +48,12 @@ def model_config(arch: str, preset: str, vocab_size: int, max_positions: int, sp
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     else:
         cls = T5Config
-        # T5 has relative position buckets, not a position table: any length works; we record the trained one.
+        # T5 has relative position buckets, not a position table: any length works; the trained length is recorded.
+        # Tied embeddings, because only then does T5 scale the decoder output by d_model**-0.5 before the head: the
+        # embedding is initialised with std 1, so an unscaled head gives logits of std sqrt(d_model) and a step-0
+        # loss of 4-40x ln(vocab). (transformers 5 ties T5's head whatever the flag; False only drops the scaling.)
         fields.update(common, decoder_start_token_id=special["pad"], feed_forward_proj="gated-gelu",
-                      dropout_rate=0.0, tie_word_embeddings=False, n_positions=max_positions)
+                      dropout_rate=0.0, tie_word_embeddings=True, n_positions=max_positions)
     known = set(cls().to_dict())
     for key, value in (overrides or {}).items():
         if key not in known:
@@ -78,7 +81,13 @@ def build_model(config, seed: int = 0):
 
     torch.manual_seed(seed)
     config._attn_implementation = "sdpa"
-    return auto_class(arch_of(config)).from_config(config)
+    model = auto_class(arch_of(config)).from_config(config)
+    if config.model_type == "t5":
+        # T5's logits are final_norm(h) @ embedding.T * d_model**-0.5, so at init their std is the final norm's gain
+        # (1) times the embedding's std (1); that, and the tied head favouring the decoder's own input token, starts
+        # 0.3-1.2 nats above ln(vocab). Half the gain starts within 3% of ln(vocab) and leaves the body as T5 has it.
+        torch.nn.init.constant_(model.decoder.final_layer_norm.weight, 0.5)
+    return model
 
 
 def max_positions(config) -> int:
