@@ -56,3 +56,15 @@ def save_tiny_llama(tokenizer_dir, folder, max_positions: int, **config):
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def save_fmkit_llama(tokenizer_dir, folder, max_positions: int):
+    """The tiny Llama with the tokenizer's EOS and pad ids, marked as a model fmkit built (fmkit.json), so it may
+    be given fmkit's chat template; returns the folder."""
+    from fmkit.models.io import load_tokenizer
+    from fmkit.workspace import write_manifest
+
+    tok = load_tokenizer(tokenizer_dir)
+    save_tiny_llama(tokenizer_dir, folder, max_positions, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    write_manifest(folder, {"kind": "model"})
+    return folder

@@ -12,15 +12,9 @@ from fmkit.workspace import Workspace
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, tokenizer_dir):
-    from conftest import save_tiny_llama
-    from fmkit.models.io import load_tokenizer
-    from fmkit.workspace import write_manifest
+    from conftest import save_fmkit_llama
 
-    tok = load_tokenizer(tokenizer_dir)
-    folder = save_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("llama") / "model", 128,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    write_manifest(folder, {"kind": "model"})
-    return folder
+    return save_fmkit_llama(tokenizer_dir, tmp_path_factory.mktemp("llama") / "model", 128)
 
 
 @pytest.fixture(scope="module")
