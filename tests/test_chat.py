@@ -79,10 +79,13 @@ def test_terminal_session_streams_survives_ctrl_c_resets_and_saves(tmp_path, mod
     term.read_until(b"you> ")       # the session goes on
     term.send("/save " + str(saved) + "\r")
     term.read_until(b"saved to")
+    term.read_until(b"you> ")
     term.send("/reset\r")
     term.read_until(b"conversation cleared")
+    term.read_until(b"you> ")
     term.send("/nonsense\r")
     term.read_until(b"/reset starts over")
+    term.read_until(b"you> ")
     term.send("/exit\r")
     assert term.wait() == 0
     rows = [json.loads(line) for line in saved.read_text().splitlines()]
@@ -95,8 +98,12 @@ def test_terminal_session_streams_survives_ctrl_c_resets_and_saves(tmp_path, mod
 def test_ctrl_c_at_the_prompt_and_ctrl_d_leave_cleanly(model):
     term = Terminal(["chat", str(model)], {**os.environ, "FMKIT_QUIET": "1", "TERM": "dumb"})
     term.read_until(b"you> ")
+    # as a person would, a moment after the prompt: a SIGINT that lands while readline is still setting up the
+    # line (before it waits for a key) is only acted on at the next key, in any Python program using readline
+    time.sleep(0.5)
     term.send("\x03")
     term.read_until(b"Ctrl-D or /exit")
+    term.read_until(b"you> ")   # keys typed before the prompt is back reach readline mangled, as for a person
     term.send("\x04")
     assert term.wait() == 0
 

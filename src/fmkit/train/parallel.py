@@ -1,6 +1,7 @@
 """Process groups and model wrapping, applied to a model from outside the loop: DDP or FSDP2, compile, AC."""
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -38,6 +39,9 @@ def init(device: str = "auto") -> Dist:
         device = f"cuda:{local}"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # torn down before the interpreter exits: left to the C++ destructors, gloo's threads were seen to abort
+        # a rank at exit ("terminate called without an active exception") after a finished run
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return Dist(rank, world, local, device)
 
 
