@@ -48,9 +48,11 @@ def plain(steps: int, precision: str) -> dict:
 
 
 class RandomBatches:
-    """Random token windows, indexed by step like fmkit's PretrainBatches."""
+    """Random token windows, indexed by step like fmkit's PretrainBatches (one process, no accumulation)."""
 
-    global_batch = BATCH
+    batch_size = global_batch = BATCH
+    grad_accum, rank, world = 1, 0, 1
+    tokens_per_step = BATCH * SEQ
 
     def get(self, step: int, micro: int) -> dict:
         import torch
