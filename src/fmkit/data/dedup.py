@@ -28,17 +28,28 @@ import numpy as np
 
 _PUNCT = re.compile(r"[^\w\s]|_")
 _NUMBERS = re.compile(r"\d+(?:[.,]\d+)?")
-_SPACE = re.compile(r"\s+")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+_ASCII_PUNCT = str.maketrans({chr(c): " " for c in range(128) if not (chr(c).isalnum() or chr(c).isspace())})
 
 
 def normalize(text: str) -> str:
     """datatrove's order: lowercase, numbers (with a decimal part) to 0, punctuation to spaces, whitespace
     collapsed, diacritics stripped."""
+    return " ".join(words(text))
+
+
+def words(text: str) -> list[str]:
+    """The words of the normalised text (`normalize` is them joined by single spaces)."""
     text = _NUMBERS.sub("0", text.lower())
-    text = _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
-    if not text.isascii():
-        text = "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
-    return text
+    if text.isascii():   # most text: punctuation to spaces by table, ~3x faster than the regex
+        return text.translate(_ASCII_PUNCT).split()
+    # only the non-ASCII runs are looked at character by character: a Python loop over every character of a text
+    # with one accented letter was the largest cost of near-dedup
+    return _NON_ASCII.sub(_strip_marks, unicodedata.normalize("NFD", _PUNCT.sub(" ", text))).split()
+
+
+def _strip_marks(run: re.Match) -> str:
+    return "".join(c for c in run.group() if unicodedata.category(c) != "Mn")
 
 
 def exact_hash(text: str) -> int:
@@ -65,10 +76,10 @@ class MinHashConfig:
 
 
 def shingles(text: str, n: int) -> list[str]:
-    words = normalize(text).split()
-    if len(words) < n:
-        return [" ".join(words)] if words else []
-    return [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+    ws = words(text)
+    if len(ws) < n:
+        return [" ".join(ws)] if ws else []
+    return [" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1)]
 
 
 def signatures(texts: list[str], cfg: MinHashConfig) -> np.ndarray:
@@ -86,9 +97,20 @@ def signatures(texts: list[str], cfg: MinHashConfig) -> np.ndarray:
 
 
 def shingle_set(text: str, n: int) -> np.ndarray:
-    """The distinct shingles of `text` as sorted 64-bit hashes (compact, and fast to intersect)."""
-    # Python's string hash: salted per process, which is fine for sets compared within one process.
-    return np.unique(np.fromiter(map(hash, shingles(text, n)), dtype=np.int64))
+    """The distinct word n-gram shingles of `text` as sorted 64-bit hashes (compact, and fast to intersect).
+
+    A shingle's hash is combined from its words' hashes in numpy, without building its string: the same sets as
+    hashing the joined shingles (up to 64-bit collisions), at a fraction of the cost. Python's string hash is
+    salted per process, which is fine for sets compared within one process."""
+    ws = words(text)
+    if len(ws) < n:
+        return np.unique(np.array([hash(" ".join(ws))] if ws else [], dtype=np.int64))
+    w = np.fromiter(map(hash, ws), dtype=np.int64, count=len(ws)).view(np.uint64)
+    m = len(w) - n + 1
+    h = w[:m].copy()
+    for k in range(1, n):   # wraps modulo 2**64, as intended
+        h = h * np.uint64(0x100000001B3) + w[k:k + m]
+    return np.unique(h.view(np.int64))
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
