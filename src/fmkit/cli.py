@@ -92,8 +92,12 @@ def option_names(verb: Verb, param: str) -> list[str]:
 
 
 def unescape(text: str) -> str:
-    """`\\n`, `\\t` as typed in a shell, as the characters they stand for (other text unchanged)."""
-    return text.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+    """`\\n`, `\\t` as typed in a shell, as the characters they stand for; text whose backslashes are no
+    escapes (a lone `\\`, a Windows path) stays as typed."""
+    try:
+        return text.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return text
 
 
 def command(verb: Verb) -> click.Command:

@@ -38,6 +38,13 @@ class Chat:
             from .models.generate import Generator
 
             self.gen = Generator(self.ref, dtype)
+            if self.max_new_tokens > self.gen.max_positions // 2:
+                # a reply budget as long as the context would leave no room for the conversation itself
+                from .progress import warn
+
+                self.max_new_tokens = self.gen.max_positions // 2
+                warn(f"replies capped at {self.max_new_tokens} tokens, half of {self.ref.spec}'s "
+                     f"{self.gen.max_positions}-token context")
             self.template = use_template(self.gen.tok, self.ref, template)
             # fmkit's role headers: a model that skips its EOS would go on to write the next turn itself
             self.stop = ["\n<|user|>", "\n<|system|>"] if self.gen.tok.chat_template == CHAT_TEMPLATE else []

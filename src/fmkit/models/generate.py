@@ -113,6 +113,9 @@ class Generator:
         never end inside a UTF-8 character or a possible stop string (Llama-style decoders; others at the end)."""
         if max_new_tokens < 1:
             raise FmkitError("max_new_tokens must be at least 1")
+        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+            raise FmkitError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (got temperature "
+                             f"{temperature}, top_k {top_k}, top_p {top_p})")
         gen = torch.Generator().manual_seed(seed)
         if self.fast is None:
             done = self._hf_generate(prompts, max_new_tokens, temperature, top_k, top_p, stop, gen)
