@@ -209,3 +209,39 @@ def test_auto_dtype_follows_the_cpu(model_dir):
     assert Generator(model_dir).dtype == ("bf16" if fast_bf16("cpu") else "fp32")
     with pytest.raises(FmkitError, match="dtype must be auto"):
         Generator(model_dir, dtype="fp16")
+
+
+@pytest.mark.parametrize("use_native", [None, False])
+def test_sequences_joining_at_different_times_decode_as_if_alone(model_dir, use_native):
+    """Continuous batching's step: rows at their own cache slots, prompts prefilled in chunks, give transformers'
+    greedy tokens for each sequence, and a row's logits are the same whatever else is in the step."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    dec = LlamaDecoder(hf, torch.float32, use_native=use_native)
+    if use_native is None and dec.native is None:
+        pytest.skip(f"no compiled step here: {native.why_not()}")
+    cache = dec.new_cache(4, 64)
+    prompts, rows = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19], [20]], [2, 0, 3, 1]
+    seqs = []
+    for p, r in zip(prompts, rows):   # in chunks of 3, as the engine would
+        for start in range(0, len(p), 3):
+            logits = dec.prefill(r, p[start:start + 3], start, cache)
+        seqs.append(p + [int(logits.argmax())])
+    for _ in range(6):
+        live = range(len(seqs)) if len(seqs[0]) < 11 else range(1, len(seqs))  # the first leaves early
+        logits = dec.step_rows([seqs[i][-1] for i in live], [rows[i] for i in live],
+                               [len(seqs[i]) - 1 for i in live], cache)
+        for i, t in zip(live, logits.argmax(-1).tolist()):
+            seqs[i].append(t)
+    for p, s in zip(prompts, seqs):
+        want = hf.generate(torch.tensor([p]), max_new_tokens=len(s) - len(p), do_sample=False)[0].tolist()
+        assert s == want
+    alone = dec.step_rows([seqs[1][-1]], [0], [len(seqs[1]) - 1], cache)
+    together = dec.step_rows([seqs[3][-1], seqs[1][-1]], [1, 0], [len(seqs[3]) - 1, len(seqs[1]) - 1], cache)
+    if dec.native is not None:
+        assert torch.equal(alone[0], together[1])
+    else:
+        torch.testing.assert_close(alone[0], together[1])
+    with pytest.raises(IndexError):
+        dec.step_rows([1, 2], [0, 0], [3, 4], cache)   # two sequences in one row

@@ -147,17 +147,78 @@ class LlamaDecoder:
                             bound.out.data_ptr(), None if logits is None else logits.data_ptr())
         return logits if logits is not None else self.head(bound.out.to(self.dtype)).float()
 
+    def prefill(self, row: int, ids: list[int], start: int, cache: KVCache, every: bool = False) -> torch.Tensor:
+        """Run one sequence's tokens through the model into its cache row at slots [start, start+len(ids)), as
+        one chunk of a longer prompt or all of it; logits (1, vocab) for its last token, or with `every`
+        (len(ids), vocab) for each of them. Other rows are untouched."""
+        view = [kv[:, row:row + 1] for kv in cache]  # a plain list: always the PyTorch path, writing through
+        positions = torch.arange(start, start + len(ids))[None]
+        return self.forward(torch.tensor([ids]), positions, view, start, None, every)[0 if every else slice(None)]
+
+    @torch.inference_mode()
+    def step_rows(self, ids: list[int], rows: list[int], slots: list[int], cache: KVCache) -> torch.Tensor:
+        """One token for each of several sequences that joined at different times (continuous batching):
+        sequence i lives in cache row rows[i], its token goes to slot slots[i] (also its RoPE position) and it
+        attends over its own slots [0, slots[i]]. Logits (len(ids), vocab)."""
+        n, length = len(ids), cache[0].shape[3]
+        if not (0 <= min(ids) <= max(ids) < len(self.embed) and 0 <= min(rows) <= max(rows) < cache[0].shape[1]
+                and len(set(rows)) == n and 0 <= min(slots) <= max(slots) < min(length, self.max_positions)
+                and len(rows) == len(slots) == n):
+            raise IndexError(f"token ids {ids}, rows {rows} or slots {slots} do not fit the cache "
+                             f"({cache[0].shape[1]} rows of {length} slots)")
+        ids_t, rows_t, slots_t = (torch.tensor(v, dtype=torch.int64) for v in (ids, rows, slots))
+        if self.native is not None and isinstance(cache, KVCache):
+            if cache.bound is None or cache.bound.decoder is not self:
+                cache.bound = _Bound(self, cache)
+            # the output layer always through oneDNN (not the C loop fm_step uses for one fp32 row): its rows come
+            # out the same at any batch size, so a sequence's logits never depend on its neighbours
+            bound = cache.bound
+            self.native.fm_step_rows(ctypes.byref(bound.model), n, rows_t.data_ptr(), ids_t.data_ptr(),
+                                     slots_t.data_ptr(), slots_t.data_ptr(), bound.out.data_ptr(), None)
+            return self.head(bound.out[:n].to(self.dtype)).float()
+        end = max(slots) + 1
+        x = self.embed[ids_t][:, None]
+        cos, sin = self.cos[slots_t][:, None, None], self.sin[slots_t][:, None, None]  # (n, 1, 1, D)
+        mask = (torch.arange(end)[None] <= slots_t[:, None])[:, None, None]  # (n, 1, 1, end)
+        nq, nkv, hd = self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.head_dim
+        for (ln1, wqkv, wo, ln2, wgu, wd), kv in zip(self.layers, cache):
+            h = wqkv(self._rms(x, ln1)).float()
+            qk = self._rope(h[..., :nq + nkv].view(n, 1, self.n_heads + self.n_kv, hd), cos, sin).transpose(1, 2)
+            kv[0, rows_t, :, slots_t] = qk[:, self.n_heads:, 0]
+            kv[1, rows_t, :, slots_t] = h[:, 0, nq + nkv:].view(n, self.n_kv, hd)
+            attn = F.scaled_dot_product_attention(qk[:, :self.n_heads], kv[0, rows_t, :, :end], kv[1, rows_t, :, :end],
+                                                  attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            x = x + wo(attn.transpose(1, 2).reshape(n, 1, nq).to(self.dtype))
+            gu = wgu(self._rms(x, ln2))
+            half = gu.shape[-1] // 2
+            x = x + wd(F.silu(gu[..., :half]) * gu[..., half:])
+        return self.head(self._rms(x[:, -1], self.norm)).float()
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor], start: int,
-                key_mask: torch.Tensor | None) -> torch.Tensor:
-        """Logits for the last position of `ids` (B, T) written at cache slots [start, start+T).
+                key_mask: torch.Tensor | None, every: bool = False) -> torch.Tensor:
+        """Logits for the last position of `ids` (B, T) written at cache slots [start, start+T); with `every`,
+        (B, T, vocab) for all of them.
 
         positions (B, T) are the RoPE positions (they differ per row under left padding); key_mask (B, start+T)
         marks real tokens, None when no row is padded.
         """
         b, n = ids.shape
-        if n == 1 and self.native is not None and b <= NATIVE_MAX_BATCH and isinstance(cache, KVCache):
+        if n == 1 and not every and self.native is not None and b <= NATIVE_MAX_BATCH and isinstance(cache, KVCache):
             return self._native_step(ids, positions, cache, start, key_mask)
+        x = self._layers(ids, positions, cache, start, key_mask)
+        return self.head(self._rms(x if every else x[:, -1], self.norm)).float()
+
+    @torch.inference_mode()
+    def hidden(self, ids: list[int]) -> torch.Tensor:
+        """One sequence's final-normed hidden states (len(ids), hidden), for embeddings (no cache kept)."""
+        cache = self.new_cache(1, len(ids))
+        x = self._layers(torch.tensor([ids]), torch.arange(len(ids))[None], list(cache), 0, None)
+        return self._rms(x[0], self.norm).float()
+
+    def _layers(self, ids, positions, cache, start: int, key_mask) -> torch.Tensor:
+        """The residual stream after the last layer for `ids` (B, T) written at cache slots [start, start+T)."""
+        b, n = ids.shape
         end = start + n
         x = self.embed[ids]
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, T, 1, D)
@@ -178,7 +239,7 @@ class LlamaDecoder:
             gu = wgu(self._rms(x, ln2))
             half = gu.shape[-1] // 2
             x = x + wd(F.silu(gu[..., :half]) * gu[..., half:])
-        return self.head(self._rms(x[:, -1], self.norm)).float()
+        return x
 
 
 class _Bound:

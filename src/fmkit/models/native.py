@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).parent / "kernels" / "decode_step.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 _loaded: list = []  # [library or None] once load() has run
 _why = ""
 
@@ -109,6 +109,8 @@ def load() -> ctypes.CDLL | None:
             lib.fm_step.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
             lib.fm_step.restype = None
+            lib.fm_step_rows.argtypes = [ctypes.POINTER(Model), ctypes.c_int64] + [ctypes.c_void_p] * 6
+            lib.fm_step_rows.restype = None
             lib.fm_work_floats.argtypes = [ctypes.POINTER(Model)]
             lib.fm_work_floats.restype = ctypes.c_int64
         except (OSError, ValueError, subprocess.SubprocessError, AttributeError) as e:

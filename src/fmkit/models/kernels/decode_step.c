@@ -33,7 +33,7 @@ typedef struct {
     float *work;                            /* scratch, fm_work_floats() floats */
 } Model;
 
-int64_t fm_abi_version(void) { return 2; }
+int64_t fm_abi_version(void) { return 3; }
 
 /* the longest input row of any matrix: what a thread's `wide` buffer holds */
 static int64_t widest_input(const Model *m) {
@@ -116,13 +116,15 @@ static void rope(float *x, const float *cos, const float *sin, int64_t d) {
     }
 }
 
-/* ids (batch,), pos (batch,) RoPE positions; the new keys/values go to cache slot `slot`, attention covers slots
- * [0, slot] where key_mask (batch, mask_stride; NULL = all) is non-zero. out (batch, hidden) gets the final-normed
- * hidden state, and logits (batch, vocab), unless NULL, the output layer applied to it. */
-void fm_step(const Model *m, const int64_t *ids, const int64_t *pos, int64_t slot, const uint8_t *key_mask,
-             int64_t mask_stride, float *out, float *logits) {
-    const int64_t B = m->batch, H = m->hidden, D = m->head_dim, NH = m->n_heads, NKV = m->n_kv, I = m->inter;
-    const int64_t nq = NH * D, nkv = NKV * D, nqkv = nq + 2 * nkv, T = m->cache_len, end = slot + 1;
+/* The step for B input rows. Input row b is cache row rows[b] (NULL: b); its new key/value go to cache slot
+ * slots[b] (NULL: `slot` for every row) and it attends over slots [0, its slot] where key_mask (B, mask_stride;
+ * NULL = all) is non-zero. Each row's arithmetic is the same whatever else is in the batch, so a request's tokens
+ * do not depend on its neighbours. */
+static void step(const Model *m, int64_t B, const int64_t *rows, const int64_t *ids, const int64_t *pos,
+                 const int64_t *slots, int64_t slot, const uint8_t *key_mask, int64_t mask_stride, float *out,
+                 float *logits) {
+    const int64_t H = m->hidden, D = m->head_dim, NH = m->n_heads, NKV = m->n_kv, I = m->inter, CB = m->batch;
+    const int64_t nq = NH * D, nkv = NKV * D, nqkv = nq + 2 * nkv, T = m->cache_len;
     const int bf16 = (int)m->bf16;
     float *x = m->work, *h = x + B * H, *qkv = h + B * H, *attn = qkv + B * nqkv, *gu = attn + B * nq;
     float *act = gu + B * 2 * I, *scratch = act + B * I;
@@ -137,7 +139,7 @@ void fm_step(const Model *m, const int64_t *ids, const int64_t *pos, int64_t slo
             for (int64_t i = 0; i < H; i++) x[b * H + i] = weight(m->embed, ids[b] * H + i, bf16);
 
         for (int64_t l = 0; l < m->n_layers; l++) {
-            float *k_cache = m->cache[l], *v_cache = k_cache + B * NKV * T * D;
+            float *k_cache = m->cache[l], *v_cache = k_cache + CB * NKV * T * D;
             #pragma omp for
             for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, m->ln1[l], H, m->eps, h + b * H);
             matvec(m->wqkv[l], bf16, h, B, H, nqkv, qkv, 0, wide);
@@ -150,7 +152,8 @@ void fm_step(const Model *m, const int64_t *ids, const int64_t *pos, int64_t slo
                     if (j < NH + NKV) rope(v, m->cos + pos[b] * D, m->sin + pos[b] * D, D);
                     if (j >= NH) {
                         int64_t g = j < NH + NKV ? j - NH : j - NH - NKV;
-                        float *c = (j < NH + NKV ? k_cache : v_cache) + ((b * NKV + g) * T + slot) * D;
+                        int64_t cb = rows ? rows[b] : b, at = slots ? slots[b] : slot;
+                        float *c = (j < NH + NKV ? k_cache : v_cache) + ((cb * NKV + g) * T + at) * D;
                         memcpy(c, v, D * sizeof(float));
                     }
                 }
@@ -160,7 +163,8 @@ void fm_step(const Model *m, const int64_t *ids, const int64_t *pos, int64_t slo
                 for (int64_t hh = 0; hh < NH; hh++) {
                     const float *q = qkv + b * nqkv + hh * D;
                     int64_t g = hh / (NH / NKV);
-                    const float *kc = k_cache + (b * NKV + g) * T * D, *vc = v_cache + (b * NKV + g) * T * D;
+                    int64_t cb = rows ? rows[b] : b, end = (slots ? slots[b] : slot) + 1;
+                    const float *kc = k_cache + (cb * NKV + g) * T * D, *vc = v_cache + (cb * NKV + g) * T * D;
                     const uint8_t *mask = key_mask ? key_mask + b * mask_stride : NULL;
                     float *sc = scores, top = -INFINITY;
                     for (int64_t t = 0; t < end; t++) {
@@ -198,4 +202,19 @@ void fm_step(const Model *m, const int64_t *ids, const int64_t *pos, int64_t slo
         for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, m->norm, H, m->eps, out + b * H);
         if (logits) matvec(m->head, bf16, out, B, H, m->vocab, logits, 0, wide);
     }
+}
+
+/* ids (batch,), pos (batch,) RoPE positions; every row's new keys/values go to cache slot `slot` and attention
+ * covers slots [0, slot] where key_mask (batch, mask_stride; NULL = all) is non-zero. out (batch, hidden) gets the
+ * final-normed hidden state, and logits (batch, vocab), unless NULL, the output layer applied to it. */
+void fm_step(const Model *m, const int64_t *ids, const int64_t *pos, int64_t slot, const uint8_t *key_mask,
+             int64_t mask_stride, float *out, float *logits) {
+    step(m, m->batch, NULL, ids, pos, NULL, slot, key_mask, mask_stride, out, logits);
+}
+
+/* Continuous batching: n (<= batch) rows, row b being cache row rows[b] at its own slot slots[b], attending over
+ * its slots [0, slots[b]]. Sequences join and leave the cache's rows independently. */
+void fm_step_rows(const Model *m, int64_t n, const int64_t *rows, const int64_t *ids, const int64_t *pos,
+                  const int64_t *slots, float *out, float *logits) {
+    step(m, n, rows, ids, pos, slots, 0, NULL, 0, out, logits);
 }
