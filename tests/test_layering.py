@@ -1,6 +1,6 @@
 """Imports run one way (DESIGN.md): the bottom (errors, runtime, config, workspace, ...) under models/ and
 providers/, under the stages data -> tokenize -> train -> adapt -> evals, under what sits on top (the CLI, the
-verbs that span stages, serve/, select/, scale/). No module imports one above it, even lazily inside a function,
+verbs that span stages, server/ (fmkit serve), select/, scale/). No module imports one above it, even lazily inside a function,
 and there are no import circles; no module is over ~500 lines."""
 import ast
 from pathlib import Path
@@ -15,7 +15,7 @@ LAYERS = [
     {"train"},
     {"adapt"},
     {"evals"},
-    {"cli", "__init__", "__main__", "lifecycle", "conversation", "serve", "select", "scale"},
+    {"cli", "__init__", "__main__", "lifecycle", "conversation", "server", "select", "scale"},
 ]
 
 

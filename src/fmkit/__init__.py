@@ -26,6 +26,7 @@ API = {
     "load_model": "fmkit.models.io:load_model",
     "Generator": "fmkit.models.generate:Generator",
     "Chat": "fmkit.conversation:Chat",
+    "Server": "fmkit.server.launch:Background",
     "get_model": "fmkit.providers:get_model",
     "validate_jsonl": "fmkit.adapt.chat_data:validate_jsonl",
     "NGramIndex": "fmkit.evals.ngrams:NGramIndex",

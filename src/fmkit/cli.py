@@ -116,7 +116,8 @@ def command(verb: Verb) -> click.Command:
             continue
         kinds[p.name] = kind
         help_ = helps.get(p.name, "")
-        positional = p.default is p.empty or (verb.overrides and names.index(p.name) < names.index(verb.overrides))
+        positional = p.default is p.empty or p.name in verb.positional or (
+            verb.overrides and names.index(p.name) < names.index(verb.overrides))
         if positional:
             required = p.default is p.empty
             # no default at all for a required argument: click counts even None as a value given

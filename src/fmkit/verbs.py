@@ -20,6 +20,7 @@ class Verb:
     flags: dict = field(default_factory=dict)   # parameter -> its spellings, where not --the-name
     overrides: str = ""          # parameter that collects `--section.key=value` recipe overrides
     unescape: tuple = ()         # parameters whose command-line text has backslash escapes (`--stop '\n\n'`)
+    positional: tuple = ()       # parameters given as arguments although they have a default (`fmkit serve [REF...]`)
 
     @property
     def function(self):
@@ -54,6 +55,7 @@ VERBS = (
     Verb("eval report", "fmkit.evals.report:eval_report"),
     Verb("generate", "fmkit.models.generate:generate", flags={"prompts": ["--prompt", "-p"]}, unescape=("stop",)),
     Verb("chat", "fmkit.conversation:chat"),
+    Verb("serve", "fmkit.server.launch:serve", positional=("models",), flags={"names": ["--name"]}),
     Verb("registry", "fmkit.workspace:registry"),
 )
 

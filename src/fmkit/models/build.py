@@ -23,7 +23,16 @@ def arch_of(config) -> str:
     for arch, model_type in ARCHS.items():
         if config.model_type == model_type:
             return arch
-    return "decoder" if getattr(config, "is_decoder", False) else config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:   # BERT-likes also have a causal head: encoders
+        return "encoder"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_decoder", False):
+        return "decoder"
+    return config.model_type
 
 
 def model_config(arch: str, preset: str, vocab_size: int, max_positions: int, special: dict,

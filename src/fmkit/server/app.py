@@ -1,0 +1,228 @@
+"""The HTTP application: OpenAI's routes over the pool of models, API keys, limits and metrics.
+
+Bodies are read and checked here rather than by FastAPI's models, so that every mistake comes back in OpenAI's
+error envelope with the field named, and a body over the size limit is refused while it is read (413), not after.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..errors import FmkitError
+from . import generation as G
+from . import protocol as P
+from .embed import embeddings
+from .keys import Keys
+from .metrics import BATCH_BUCKETS, Metrics
+
+
+def create_app(pool, keys: Keys, max_body: int = 8 << 20) -> FastAPI:
+    metrics = Metrics()
+    state = {"ready": False}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async def sweep():
+            while True:
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(pool.sweep)
+        task = asyncio.create_task(sweep())
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        task.cancel()
+        await asyncio.to_thread(pool.close)   # after uvicorn has let in-flight requests finish
+
+    app = FastAPI(title="fmkit serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.pool, app.state.metrics = pool, metrics
+    _declare(metrics, pool)
+
+    def observe(event: str, value, model: str) -> None:
+        if event == "batch":
+            metrics.observe("fmkit_batch_size", value, model=model)
+        elif event == "finished" and value.finish_reason in ("stop", "length") and value.t_first:
+            metrics.observe("fmkit_time_to_first_token_seconds", value.t_first - value.t_submit, model=model)
+            metrics.inc("fmkit_completion_tokens_total", len(value.tokens), model=model)
+        elif event in ("loaded", "unloaded"):
+            metrics.inc(f"fmkit_model_{event}_total", model=model)
+    pool.observe = observe
+
+    def fail(e: P.APIError) -> JSONResponse:
+        metrics.inc("fmkit_errors_total", code=e.code or str(e.status))
+        return JSONResponse(e.body(), e.status, headers=e.headers)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        start, path = time.monotonic(), request.url.path
+        try:
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > max_body:
+                if int(length) <= 8 * max_body:   # read it away, so the client sees the answer, not a broken pipe
+                    async for _ in request.stream():
+                        pass
+                raise P.APIError(413, f"request body of {int(length)} bytes is over this server's limit of "
+                                      f"{max_body} bytes", None, "request_too_large")
+            if path.startswith("/v1/") and keys.required:
+                key = keys.find(request.headers.get("authorization"))
+                if key is None:
+                    raise P.APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'.",
+                                     None, "invalid_api_key")
+                wait = keys.admit(key)
+                if wait > 0:
+                    raise P.APIError(429, f"rate limit reached for key {key.name}; retry in {math.ceil(wait)} s",
+                                     None, "rate_limit_exceeded", "requests", {"Retry-After": str(math.ceil(wait))})
+                request.state.key = key
+            response = await call_next(request)
+        except P.APIError as e:
+            response = fail(e)
+        if path.startswith("/v1/"):
+            metrics.inc("fmkit_requests_total", endpoint=path, status=response.status_code)
+            metrics.observe("fmkit_request_latency_seconds", time.monotonic() - start, endpoint=path)
+        return response
+
+    @app.exception_handler(P.APIError)
+    async def api_error(request: Request, e: P.APIError):
+        return fail(e)
+
+    async def body_of(request: Request) -> dict:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise P.APIError(413, f"request body is over this server's limit of {max_body} bytes", None,
+                                 "request_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks) or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise P.APIError(400, f"We could not parse the JSON body of your request ({e})", None,
+                             "invalid_json") from None
+        if not isinstance(body, dict):
+            raise P.APIError(400, "the request body must be a JSON object", None, "invalid_json")
+        return body
+
+    async def model_of(body: dict, want: str):
+        name = P.get(body, "model", (str,), P.REQUIRED)
+        try:
+            keep = body.get("keep_alive")
+            if keep is not None:
+                from .pool import parse_keep_alive
+                try:
+                    parse_keep_alive(keep, 0)
+                except ValueError as e:
+                    raise P.invalid(str(e), "keep_alive") from None
+            served = await asyncio.to_thread(pool.get, name, keep)
+        except KeyError:
+            raise P.APIError(404, f"The model '{name}' does not exist; this server serves: "
+                                  f"{', '.join(pool.names()) or 'nothing'}", "model", "model_not_found") from None
+        except FmkitError as e:
+            raise P.APIError(500, f"model {name} could not be loaded: {e}", "model", "model_load_failed",
+                             "server_error") from None
+        if want == "generate" and served.kind != "generate":
+            pool.done(served)
+            raise P.invalid(f"model {name} is an encoder: it serves /v1/embeddings only", "model",
+                            "model_not_supported")
+        return name, served
+
+    async def generate(request: Request, start_job, whole, stream):
+        body = await body_of(request)
+        name, served = await model_of(body, "generate")
+        try:
+            job, ctx = start_job(served, body)
+        except BaseException:
+            pool.done(served)
+            raise
+        metrics.inc("fmkit_prompt_tokens_total", ctx["prompt_tokens"], model=name)
+        key = getattr(request.state, "key", None)
+
+        def finish():
+            pool.done(served)
+            if key is not None:
+                keys.spend(key, job.usage(ctx["prompt_tokens"])["total_tokens"])
+
+        if ctx["stream"]:
+            async def chunks():
+                try:
+                    async for chunk in stream(job, ctx, request, name):
+                        yield chunk
+                finally:
+                    finish()
+            return StreamingResponse(chunks(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            result = await whole(job, ctx, request, name)
+        finally:
+            job.cancel()
+            finish()
+        return JSONResponse(result if result is not None else {}, 200 if result is not None else 499)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, G.chat_job, G.chat_response, G.chat_stream)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, G.completion_job, G.completion_response, G.completion_stream)
+
+    @app.post("/v1/embeddings")
+    async def embeddings_route(request: Request):
+        body = await body_of(request)
+        name, served = await model_of(body, "embed")
+        try:
+            data, tokens = await asyncio.to_thread(embeddings, served, body)
+        finally:
+            pool.done(served)
+        metrics.inc("fmkit_prompt_tokens_total", tokens, model=name)
+        return {"object": "list", "data": data, "model": name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    def card(name: str) -> dict:
+        served = pool.loaded.get(name)
+        return {"id": name, "object": "model", "created": pool.created(name), "owned_by": "fmkit",
+                **({"context_length": served.context, "system_fingerprint": served.fingerprint} if served else {})}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [card(n) for n in pool.names()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name not in pool.names():
+            raise P.APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+        return card(name)
+
+    @app.get("/health")
+    async def health():
+        if not state["ready"]:
+            return JSONResponse({"status": "starting"}, 503)
+        return {"status": "ready", "models": pool.names(), "loaded": list(pool.loaded)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _declare(m: Metrics, pool) -> None:
+    m.counter("fmkit_requests_total", "HTTP requests by endpoint and status code")
+    m.counter("fmkit_errors_total", "error responses by error code")
+    m.counter("fmkit_prompt_tokens_total", "prompt tokens received, by model")
+    m.counter("fmkit_completion_tokens_total", "tokens generated, by model")
+    m.counter("fmkit_model_loaded_total", "model loads, by model")
+    m.counter("fmkit_model_unloaded_total", "model unloads (keep-alive ran out or memory was needed), by model")
+    m.histogram("fmkit_request_latency_seconds", "time from request to the last byte of the response's head")
+    m.histogram("fmkit_time_to_first_token_seconds", "time from a sequence's arrival to its first token")
+    m.histogram("fmkit_batch_size", "sequences advanced together per decoding step", BATCH_BUCKETS)
+    m.gauge("fmkit_queue_depth", "sequences waiting for a cache row, by model",
+            lambda: {(("model", n),): len(s.engine.waiting) for n, s in list(pool.loaded.items()) if s.engine})
+    m.gauge("fmkit_running_sequences", "sequences prefilling or decoding, by model",
+            lambda: {(("model", n),): len(s.engine.prefilling) + len(s.engine.decoding)
+                     for n, s in list(pool.loaded.items()) if s.engine})
+    m.gauge("fmkit_loaded_models", "models loaded now", lambda: len(pool.loaded))

@@ -1,0 +1,319 @@
+"""Continuous batching: one engine per loaded model, one thread that owns the model and its KV cache.
+
+The cache has a fixed number of rows. A request's sequences (one per choice, `n`) wait in a bounded queue, take a
+free row when one is there, have their prompts prefilled in chunks of at most `chunk` tokens per iteration (so a
+long prompt never stalls the sequences already decoding for more than one chunk), and then advance one token per
+iteration together with every other decoding sequence, each at its own cache slot (`LlamaDecoder.step_rows`). A
+sequence leaves as soon as it is finished and its row goes to the next in the queue: nobody waits for the slowest.
+
+Each sequence samples with its own seeded generator from its own logits, and the compiled step computes every row
+with the same arithmetic whatever else is in the batch, so a seeded (or greedy) request's text does not depend on
+its neighbours. A request that fails inside the model fails alone: a batch step that raises is retried row by row
+and only the rows that still raise are failed.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.generate import IncrementalText
+from .sampling import choose, top_logprobs
+
+
+class QueueFull(Exception):
+    """The engine's queue is full; the caller should retry later (HTTP 429)."""
+
+
+class PromptTooLong(ValueError):
+    """Prompt + max_tokens exceed the context (HTTP 400)."""
+
+
+@dataclass
+class Params:
+    """How one sequence is generated (the OpenAI request's sampling fields, already checked)."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None          # None: none; k >= 0: the chosen token's and the k most likely
+    prompt_logprobs: int | None = None   # echo: the prompt tokens' own log-probabilities (and k most likely)
+    ignore_eos: bool = False
+    guide: object = None                 # constrain.TokenGuide for JSON output, or None
+
+
+class Sequence:
+    """One choice of one request, as the engine advances it. The engine thread writes; readers (the HTTP side)
+    only read fields that are replaced whole (str, tuple) or appended to (lists), and are told by `notify`."""
+
+    def __init__(self, prompt: list[int], params: Params, index: int = 0, notify=None):
+        self.prompt, self.params, self.index, self.notify = prompt, params, index, notify
+        self.tokens: list[int] = []
+        self.text = ""                    # the completion so far (cut at a stop string when one is hit)
+        self.visible = ""                 # what may be shown while streaming (never part of a possible stop)
+        self.logprobs: list[tuple] = []   # per token: (id, logprob, [(id, logprob), ...])
+        self.prompt_logprobs: list[tuple] | None = None  # per prompt token, the first None
+        self.finish_reason: str | None = None  # stop | length | error | cancelled
+        self.error: str = ""
+        self.cancelled = False
+        self.row: int | None = None
+        self.prefilled = 0
+        self.forced: list[int] = []
+        seed = params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,)))
+        self.gen = torch.Generator().manual_seed(seed + index * 1_000_003)  # choices of one seed differ
+        self.t_submit, self.t_first, self.t_done = time.monotonic(), 0.0, 0.0
+        self._text = None                 # IncrementalText once the first token is there
+        self._prev = None                 # log-probabilities after the last prefilled chunk (echo)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Owns a runner (the model and its cache rows) and serves sequences from a bounded queue."""
+
+    def __init__(self, runner, tok, eos_ids: set[int], max_queue: int = 256, chunk: int = 256, observe=None,
+                 name: str = "model"):
+        self.runner, self.tok, self.eos_ids = runner, tok, eos_ids
+        self.max_queue, self.chunk, self.observe = max_queue, chunk, observe or (lambda *a: None)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.prefilling: list[Sequence] = []
+        self.decoding: list[Sequence] = []
+        self.free = list(range(runner.rows))[::-1]
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.steps = 0
+        self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self.thread.start()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def context(self) -> int:
+        return self.runner.length
+
+    @property
+    def busy(self) -> int:
+        """Sequences queued or running."""
+        return len(self.waiting) + len(self.prefilling) + len(self.decoding)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue a request's sequences (all or none); QueueFull when the queue has no room for them."""
+        for s in seqs:
+            need = len(s.prompt) + s.params.max_tokens
+            if not s.prompt or need > self.context:
+                raise PromptTooLong(
+                    f"this model's context is {self.context} tokens; the prompt has {len(s.prompt)} and "
+                    f"max_tokens asks for {s.params.max_tokens} more ({need})")
+        with self.lock:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(f"the queue for this model is full ({self.max_queue} waiting)")
+            self.waiting.extend(seqs)
+            self.lock.notify()
+
+    def stop(self, wait: float = 30.0) -> None:
+        """Finish what is running (new requests are refused), then end the thread."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        self.thread.join(wait)
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not (self.waiting or self.prefilling or self.decoding):
+                    if self.stopping:
+                        return
+                    self.lock.wait(0.5)
+                while self.waiting and self.free:
+                    seq = self.waiting.popleft()
+                    if seq.cancelled:
+                        self._finish(seq, "cancelled")
+                        continue
+                    seq.row = self.free.pop()
+                    self.prefilling.append(seq)
+            try:
+                self._iterate()
+            except Exception as e:  # a bug in the loop itself: fail what is running, keep serving
+                for seq in self.prefilling + self.decoding:
+                    self._fail(seq, e)
+                self.prefilling, self.decoding = [], []
+
+    def _iterate(self) -> None:
+        for seq in [s for s in self.prefilling + self.decoding if s.cancelled]:
+            self._finish(seq, "cancelled")
+        self._prefill()
+        self._decode()
+        self.steps += 1
+
+    def _prefill(self) -> None:
+        """Up to `chunk` prompt tokens this iteration, from the sequences that joined first."""
+        budget = self.chunk
+        for seq in list(self.prefilling):
+            if budget <= 0:
+                break
+            take = seq.prompt[seq.prefilled:seq.prefilled + budget]
+            every = seq.params.prompt_logprobs is not None
+            try:
+                logits = self.runner.prefill(seq.row, take, seq.prefilled, every)
+            except Exception as e:
+                self._fail(seq, e)
+                continue
+            if every:
+                self._prompt_logprobs(seq, take, logits)
+            seq.prefilled += len(take)
+            budget -= len(take)
+            if seq.prefilled == len(seq.prompt):
+                self.prefilling.remove(seq)
+                if seq.params.max_tokens == 0:
+                    self._finish(seq, "length")
+                else:
+                    self.decoding.append(seq)
+                    self._advance(seq, logits[-1])
+
+    def _prompt_logprobs(self, seq: Sequence, chunk: list[int], logits: torch.Tensor) -> None:
+        """Each prompt token's log-probability given the ones before it (the first has none)."""
+        if seq.prompt_logprobs is None:
+            seq.prompt_logprobs = [None]
+        lp = torch.log_softmax(logits.float(), -1)
+        k = seq.params.prompt_logprobs
+        if seq._prev is not None:
+            lp = torch.cat([seq._prev[None], lp])
+            chunk_tokens = chunk
+        else:
+            chunk_tokens = chunk[1:]
+        for row, t in zip(lp, chunk_tokens):
+            seq.prompt_logprobs.append((t, row[t].item(), top_logprobs(row, k)))
+        seq._prev = lp[-1]
+
+    def _decode(self) -> None:
+        live = [s for s in self.decoding if not s.finished]
+        if not live:
+            return
+        ids = [s.tokens[-1] for s in live]
+        slots = [len(s.prompt) + len(s.tokens) - 1 for s in live]
+        try:
+            logits = self.runner.step(ids, [s.row for s in live], slots)
+            rows = list(zip(live, logits))
+        except Exception:
+            rows = []
+            for s, i, slot in zip(live, ids, slots):  # find who fails; rewriting a slot is harmless
+                try:
+                    rows.append((s, self.runner.step([i], [s.row], [slot])[0]))
+                except Exception as e:
+                    self._fail(s, e)
+        self.observe("batch", len(live))
+        for seq, row in rows:
+            self._advance(seq, row)
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Choose the sequence's next token from its logits, append it, and finish it if it is done."""
+        try:
+            p = seq.params
+            if seq.forced:
+                token = seq.forced.pop(0)
+            else:
+                room = min(p.max_tokens - len(seq.tokens), self.context - len(seq.prompt) - len(seq.tokens))
+                token, seq.forced = choose(seq, logits, self.encode, room)
+            if token in self.eos_ids and not p.ignore_eos:
+                return self._finish(seq, "stop")
+            seq.tokens.append(token)
+            if p.logprobs is not None:
+                lp = torch.log_softmax(logits.float(), -1)
+                seq.logprobs.append((token, lp[token].item(), top_logprobs(lp, p.logprobs)))
+            if seq._text is None:
+                seq._text = IncrementalText(self.tok)
+                seq.t_first = time.monotonic()
+            text = seq._text.add(seq.tokens)
+            hit = [text.index(s) for s in p.stop if s in text]
+            if hit:
+                seq.text = seq.visible = text[:min(hit)]
+                return self._finish(seq, "stop")
+            seq.text = text
+            hold = max((len(s) for s in p.stop), default=1) - 1
+            seq.visible = text[:len(text) - hold] if hold else text
+            if p.guide is not None and not seq.forced and p.guide.constraint.complete(text):
+                return self._finish(seq, "stop")
+            if len(seq.tokens) >= p.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.context:
+                return self._finish(seq, "length")
+            if seq.notify:
+                seq.notify()
+        except Exception as e:
+            self._fail(seq, e)
+
+    def _fail(self, seq: Sequence, e: Exception) -> None:
+        seq.error = f"{type(e).__name__}: {e}"[:500]
+        self._finish(seq, "error")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.finished:
+            return
+        if reason in ("stop", "length") and seq._text is not None:
+            full = self.tok.decode(seq.tokens)
+            hit = [full.index(s) for s in seq.params.stop if s in full]
+            seq.text = full[:min(hit)] if hit else full
+            seq.visible = seq.text
+        seq.t_done = time.monotonic()
+        seq.finish_reason = reason
+        for group in (self.prefilling, self.decoding):
+            if seq in group:
+                group.remove(seq)
+        if seq.row is not None:
+            self.runner.release(seq.row)
+            self.free.append(seq.row)
+            seq.row = None
+        self.observe("finished", seq)
+        if seq.notify:
+            seq.notify()
+
+
+class DecoderRunner:
+    """Llama-style models on fmkit's decoder: one KV cache of `rows` rows x `length` slots."""
+
+    def __init__(self, decoder, rows: int, length: int):
+        self.decoder, self.rows, self.length = decoder, rows, length
+        self.cache = decoder.new_cache(rows, length)
+
+    def prefill(self, row: int, ids: list[int], start: int, every: bool = False) -> torch.Tensor:
+        return self.decoder.prefill(row, ids, start, self.cache, every)
+
+    def step(self, ids: list[int], rows: list[int], slots: list[int]) -> torch.Tensor:
+        return self.decoder.step_rows(ids, rows, slots, self.cache)
+
+    def release(self, row: int) -> None:
+        pass  # the next sequence overwrites the slots it attends to
+
+
+class HFRunner:
+    """Any other transformers causal LM: each sequence keeps its own transformers cache and steps alone. Correct
+    for every architecture transformers runs, without the batched step's speed."""
+
+    def __init__(self, model, rows: int, length: int):
+        self.model, self.rows, self.length = model, rows, length
+        self.past: list = [None] * rows
+
+    @torch.inference_mode()
+    def prefill(self, row: int, ids: list[int], start: int, every: bool = False) -> torch.Tensor:
+        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.past[row] if start else None,
+                         use_cache=True)
+        self.past[row] = out.past_key_values
+        return out.logits[0].float() if every else out.logits[0, -1:].float()
+
+    def step(self, ids: list[int], rows: list[int], slots: list[int]) -> torch.Tensor:
+        return torch.cat([self.prefill(r, [t], s) for t, r, s in zip(ids, rows, slots)])
+
+    def release(self, row: int) -> None:
+        self.past[row] = None

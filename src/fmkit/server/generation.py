@@ -1,0 +1,330 @@
+"""/v1/chat/completions and /v1/completions: a checked request becomes sequences for the model's engine, and the
+engine's progress becomes OpenAI responses, whole or as server-sent-event chunks."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from . import protocol as P
+from .engine import Params, PromptTooLong, QueueFull, Sequence
+from .tools import as_call, call_schema, parse_calls, supports_tools
+
+
+class Job:
+    """A request's sequences in an engine, and an event the engine thread sets whenever one of them moves."""
+
+    def __init__(self, served, seqs: list[Sequence], param: str):
+        self.served, self.seqs = served, seqs
+        self.event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for s in seqs:
+            s.notify = lambda: loop.call_soon_threadsafe(self.event.set)
+        try:
+            served.engine.submit(seqs)
+        except QueueFull as e:
+            raise P.APIError(429, f"{e}; retry shortly", None, "queue_full", "rate_limit_exceeded",
+                             {"Retry-After": "1"}) from None
+        except PromptTooLong as e:
+            raise P.invalid(str(e), param, "context_length_exceeded") from None
+
+    @property
+    def done(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+    async def wait(self, request) -> bool:
+        """Wait for progress; False when the client has gone (its sequences are then cancelled)."""
+        try:
+            await asyncio.wait_for(self.event.wait(), 1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                self.cancel()
+                return False
+        self.event.clear()
+        return True
+
+    def cancel(self) -> None:
+        for s in self.seqs:
+            s.cancelled = True
+
+    def check(self) -> None:
+        failed = [s for s in self.seqs if s.finish_reason == "error"]
+        if failed:
+            raise P.APIError(500, f"the model failed on this request ({failed[0].error})", None, "model_error",
+                             "server_error")
+
+    def usage(self, prompt_tokens: int) -> dict:
+        done = sum(len(s.tokens) for s in self.seqs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+
+def _guide(served, schema):
+    from .constrain import JsonConstraint, TokenGuide
+
+    if not hasattr(served, "pieces"):
+        tok = served.tok
+        served.pieces = [tok.decode([i]) for i in range(len(tok))]
+    try:
+        constraint = JsonConstraint(None if schema is True else schema)
+    except ValueError as e:
+        raise P.invalid(f"response_format: {e}", "response_format") from None
+    return TokenGuide(constraint, served.pieces, served.tok.eos_token_id)
+
+
+def _entry(tok, token: int, logprob: float, top: list) -> dict:
+    piece = tok.decode([token])
+    return {"token": piece, "logprob": logprob, "bytes": list(piece.encode()),
+            "top_logprobs": [{"token": (p := tok.decode([t])), "logprob": lp, "bytes": list(p.encode())}
+                             for t, lp in top]}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+# ---- chat ------------------------------------------------------------------------------------------------------
+def chat_job(served, body: dict):
+    """Check a chat request and start it; returns (job, context for the response)."""
+    P.unknown_fields(body, P.CHAT_FIELDS)
+    messages = P.messages(body)
+    stream, include_usage = P.streaming(body)
+    n = P.get(body, "n", (int,), 1, 1, P.MAX_N)
+    limit = P.token_budget(body, "max_completion_tokens", 1)
+    limit = limit if limit is not None else P.token_budget(body, "max_tokens", 1)
+    logprobs = P.get(body, "logprobs", (bool,), False)
+    top = P.get(body, "top_logprobs", (int,), None, 0, 20)
+    if top is not None and not logprobs:
+        raise P.invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    fmt = P.response_format(body)
+    tools, choice = P.tools(body)
+    if fmt is not None and choice not in ("none", "auto"):
+        raise P.invalid("response_format cannot be combined with a forced tool_choice", "response_format")
+    tok = served.tok
+    if not served.template:
+        raise P.invalid(f"model {served.name} has no chat template; use /v1/completions with a plain prompt",
+                        "messages", "no_chat_template")
+    use_tools = tools and choice != "none"
+    if use_tools and choice == "auto" and not supports_tools(tok.chat_template):
+        raise P.invalid(f"model {served.name}'s chat template does not render tools; force a call with "
+                        "tool_choice (required or a function) or drop 'tools'", "tools", "tools_not_supported")
+    try:
+        text = tok.apply_chat_template(messages, tools=tools if use_tools and supports_tools(tok.chat_template)
+                                       else None, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # the template's own checks (alternating roles, ...) are the user's to fix
+        raise P.invalid(f"the chat template rejected these messages: {str(e).splitlines()[0][:300]}",
+                        "messages", "invalid_messages") from None
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    room = served.context - len(prompt)
+    max_tokens = limit if limit is not None else max(room, 1)
+    params = P.params(body, len(tok), max_tokens, (top or 0) if logprobs else None)
+    forced = use_tools and choice != "auto"
+    if fmt is not None or forced:
+        params.guide = _guide(served, call_schema(tools, choice) if forced else fmt)
+    seqs = [Sequence(prompt, _copy(params), i) for i in range(n)]
+    ctx = dict(stream=stream, include_usage=include_usage, prompt_tokens=len(prompt), forced=forced,
+               tools={t["function"]["name"] for t in tools} if use_tools and choice == "auto" else set())
+    return Job(served, seqs, "messages"), ctx
+
+
+def _copy(p: Params) -> Params:
+    return Params(**vars(p))
+
+
+def _message(seq: Sequence, ctx: dict) -> tuple[dict, str]:
+    """The assistant message and finish reason for a finished sequence (tool calls parsed or forced)."""
+    reason = seq.finish_reason
+    if ctx["forced"]:
+        try:
+            call = as_call(json.loads(seq.text))
+            return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}, \
+                "tool_calls" if reason == "stop" else reason
+        except (ValueError, KeyError, TypeError):
+            pass  # ran out of tokens mid-call: the text as it is, finish_reason length
+    if ctx["tools"]:
+        content, calls = parse_calls(seq.text, ctx["tools"])
+        if calls:
+            return {"role": "assistant", "content": content or None, "refusal": None, "tool_calls": calls}, \
+                "tool_calls"
+    return {"role": "assistant", "content": seq.text, "refusal": None}, reason
+
+
+async def chat_response(job: Job, ctx: dict, request, model: str) -> dict | None:
+    while not job.done:
+        if not await job.wait(request):
+            return None
+    job.check()
+    tok = job.served.tok
+    choices = []
+    for s in job.seqs:
+        message, reason = _message(s, ctx)
+        lp = {"content": [_entry(tok, *e) for e in s.logprobs], "refusal": None} \
+            if s.params.logprobs is not None else None
+        choices.append({"index": s.index, "message": message, "logprobs": lp, "finish_reason": reason})
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": job.served.fingerprint, "choices": choices,
+            "usage": job.usage(ctx["prompt_tokens"])}
+
+
+async def chat_stream(job: Job, ctx: dict, request, model: str):
+    """SSE chunks: the role first, then content deltas, then each choice's finish_reason, then (with
+    include_usage) one chunk with empty choices and the usage, then [DONE]. Replies that may turn into tool
+    calls are sent whole at the end."""
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": model, "system_fingerprint": job.served.fingerprint}
+    if ctx["include_usage"]:
+        head["usage"] = None
+    tok, hold = job.served.tok, bool(ctx["forced"] or ctx["tools"])
+    sent = {s.index: [0, 0, False] for s in job.seqs}   # characters, logprob entries, finished
+    try:
+        for s in job.seqs:
+            yield _sse({**head, "choices": [{"index": s.index, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]})
+        while True:
+            for s in job.seqs:
+                mark = sent[s.index]
+                if mark[2] or (hold and not s.finished):
+                    continue
+                text = s.text if s.finished else s.visible
+                new_lp = s.logprobs[mark[1]:]
+                delta = {}
+                reason = None
+                if s.finished:
+                    if s.finish_reason == "error":
+                        yield _sse({"error": {"message": f"the model failed on this request ({s.error})",
+                                              "type": "server_error", "param": None, "code": "model_error"}})
+                        mark[2] = True
+                        continue
+                    if hold:
+                        message, reason = _message(s, ctx)
+                        delta = {k: v for k, v in message.items() if k in ("content", "tool_calls") and v}
+                        if "tool_calls" in delta:
+                            delta["tool_calls"] = [{**c, "index": i} for i, c in enumerate(delta["tool_calls"])]
+                    else:
+                        reason = s.finish_reason
+                if not hold and len(text) > mark[0]:
+                    delta["content"] = text[mark[0]:]
+                if delta or new_lp:
+                    lp = {"content": [_entry(tok, *e) for e in new_lp], "refusal": None} \
+                        if s.params.logprobs is not None and new_lp else None
+                    yield _sse({**head, "choices": [{"index": s.index, "delta": delta, "logprobs": lp,
+                                                     "finish_reason": None}]})
+                mark[0], mark[1] = max(mark[0], len(text)), mark[1] + len(new_lp)
+                if s.finished:
+                    yield _sse({**head, "choices": [{"index": s.index, "delta": {}, "logprobs": None,
+                                                     "finish_reason": reason}]})
+                    mark[2] = True
+            if all(m[2] for m in sent.values()):
+                break
+            if not await job.wait(request):
+                return
+        if ctx["include_usage"]:
+            yield _sse({**head, "choices": [], "usage": job.usage(ctx["prompt_tokens"])})
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()   # a client that went away frees its rows; finished sequences ignore this
+
+
+# ---- completions -----------------------------------------------------------------------------------------------
+def completion_job(served, body: dict):
+    P.unknown_fields(body, P.COMPLETION_FIELDS)
+    tok = served.tok
+    prompts = P.completion_prompts(body, len(tok))
+    stream, include_usage = P.streaming(body)
+    n = P.get(body, "n", (int,), 1, 1, P.MAX_N)
+    best_of = P.get(body, "best_of", (int,), n, 1, P.MAX_N)
+    if best_of != n:
+        raise P.invalid("best_of other than n is not supported", "best_of", "unsupported_value")
+    if P.get(body, "suffix", (str,), None):
+        raise P.invalid("suffix (insertion) is not supported", "suffix", "unsupported_value")
+    echo = P.get(body, "echo", (bool,), False)
+    logprobs = P.get(body, "logprobs", (int,), None, 0, 5)
+    if echo and stream:
+        raise P.invalid("echo is not supported with stream", "echo", "unsupported_value")
+    limit = P.token_budget(body, "max_tokens", 0)
+    max_tokens = 16 if limit is None else limit
+    if max_tokens == 0 and not echo:
+        raise P.invalid("max_tokens 0 is only allowed with echo (to score the prompt)", "max_tokens")
+    params = P.params(body, len(tok), max_tokens, logprobs)
+    if echo and logprobs is not None:
+        params.prompt_logprobs = logprobs
+    ids = [p if isinstance(p, list) else (tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    for p, i in zip(prompts, ids):
+        if not i:
+            raise P.invalid("'prompt' must not be empty", "prompt", "empty_prompt")
+    seqs = [Sequence(i, _copy(params), k * n + j) for k, i in enumerate(ids) for j in range(n)]
+    ctx = dict(stream=stream, include_usage=include_usage, prompt_tokens=sum(map(len, ids)), echo=echo,
+               texts=[p if isinstance(p, str) else tok.decode(p) for p in prompts], n=n)
+    return Job(served, seqs, "prompt"), ctx
+
+
+def _completion_logprobs(tok, s: Sequence, echo: bool, k: int | None) -> dict | None:
+    if k is None:
+        return None
+    entries = []
+    if echo:
+        entries += [(s.prompt[0], None, [])] + list(s.prompt_logprobs[1:] if s.prompt_logprobs else [])
+    entries += s.logprobs
+    ids = [e[0] for e in entries]
+    pieces = [tok.decode([t]) for t in ids]
+    start = 0 if echo else len(tok.decode(s.prompt))
+    offsets = [start + len(tok.decode(ids[:i])) for i in range(len(ids))]   # exact even inside UTF-8 pieces
+    return {"tokens": pieces, "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": [None if e[1] is None else {tok.decode([t]): lp for t, lp in e[2]} for e in entries],
+            "text_offset": offsets}
+
+
+async def completion_response(job: Job, ctx: dict, request, model: str) -> dict | None:
+    while not job.done:
+        if not await job.wait(request):
+            return None
+    job.check()
+    tok, choices = job.served.tok, []
+    for s in job.seqs:
+        text = (ctx["texts"][s.index // ctx["n"]] if ctx["echo"] else "") + s.text
+        choices.append({"index": s.index, "text": text, "finish_reason": s.finish_reason,
+                        "logprobs": _completion_logprobs(tok, s, ctx["echo"], s.params.logprobs)})
+    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": job.served.fingerprint, "choices": choices,
+            "usage": job.usage(ctx["prompt_tokens"])}
+
+
+async def completion_stream(job: Job, ctx: dict, request, model: str):
+    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": job.served.fingerprint}
+    if ctx["include_usage"]:
+        head["usage"] = None
+    tok = job.served.tok
+    sent = {s.index: [0, 0, False] for s in job.seqs}
+    try:
+        while True:
+            for s in job.seqs:
+                mark = sent[s.index]
+                if mark[2]:
+                    continue
+                if s.finish_reason == "error":
+                    yield _sse({"error": {"message": f"the model failed on this request ({s.error})",
+                                          "type": "server_error", "param": None, "code": "model_error"}})
+                    mark[2] = True
+                    continue
+                text = s.text if s.finished else s.visible
+                new_lp = s.logprobs[mark[1]:]
+                if len(text) > mark[0] or new_lp or s.finished:
+                    lp = None
+                    if s.params.logprobs is not None and new_lp:
+                        lp = {"tokens": [tok.decode([e[0]]) for e in new_lp],
+                              "token_logprobs": [e[1] for e in new_lp],
+                              "top_logprobs": [{tok.decode([t]): v for t, v in e[2]} for e in new_lp],
+                              "text_offset": [mark[0]] * len(new_lp)}
+                    yield _sse({**head, "choices": [{"index": s.index, "text": text[mark[0]:], "logprobs": lp,
+                                                     "finish_reason": s.finish_reason}]})
+                mark[0], mark[1], mark[2] = max(mark[0], len(text)), mark[1] + len(new_lp), s.finished
+            if all(m[2] for m in sent.values()):
+                break
+            if not await job.wait(request):
+                return
+        if ctx["include_usage"]:
+            yield _sse({**head, "choices": [], "usage": job.usage(ctx["prompt_tokens"])})
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
