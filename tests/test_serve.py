@@ -61,6 +61,13 @@ def chat(client, text="hello", **kw):
                                           messages=[{"role": "user", "content": text}], **kw)
 
 
+def loaded(bg, name):
+    """The pool's loaded model `name` (loaded now if it is not)."""
+    served = bg.app.state.pool.get(name)
+    bg.app.state.pool.done(served)
+    return served
+
+
 def post(url, body: bytes | dict, headers=None):
     """A raw POST: (status, parsed body, headers)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -269,7 +276,7 @@ def test_errors_come_in_openai_envelopes(server):
 
 def test_keys_limits_and_a_full_queue(folders, tmp_path):
     keys = tmp_path / "keys.txt"
-    keys.write_text("# team keys\nsk-one rpm=2 name=one\nsk-two\n")
+    keys.write_text("# team keys\nsk-one rpm=2 name=one\nsk-two\nsk-three tpm=10\n")
     with Background(models=[str(folders["base"])], api_keys=str(keys), max_batch=1, max_queue=1) as url:
         status, body, _ = post(url + "/chat/completions", {"model": "tiny", "messages": []})
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
@@ -281,6 +288,10 @@ def test_keys_limits_and_a_full_queue(folders, tmp_path):
         with pytest.raises(openai.RateLimitError) as err:
             chat(one)
         assert int(err.value.response.headers["Retry-After"]) >= 1
+        three = openai.OpenAI(base_url=url, api_key="sk-three", max_retries=0)
+        assert chat(three, max_tokens=5).usage.total_tokens > 10            # spends the 10 tokens a minute
+        with pytest.raises(openai.RateLimitError, match="rate limit"):
+            chat(three, max_tokens=5)
         two = openai.OpenAI(base_url=url, api_key="sk-two", max_retries=0)
 
         def slow(i):
@@ -321,8 +332,7 @@ def test_memory_budget_evicts_the_least_recently_used(folders):
 
 def test_a_client_that_disconnects_frees_its_row(server):
     bg, client = server
-    engine = bg.app.state.pool.get("tiny").engine
-    bg.app.state.pool.done(bg.app.state.pool.loaded["tiny"])
+    engine = loaded(bg, "tiny").engine
     stream = chat(client, "long", max_tokens=200, stream=True, extra_body={"ignore_eos": True})
     next(iter(stream)), next(iter(stream))
     stream.response.close()
@@ -335,7 +345,7 @@ def test_a_client_that_disconnects_frees_its_row(server):
 
 def test_a_request_that_fails_inside_the_model_fails_alone(server, monkeypatch):
     bg, client = server
-    runner = bg.app.state.pool.loaded["tiny"].engine.runner
+    runner = loaded(bg, "tiny").engine.runner
     real = runner.prefill
 
     def broken(row, ids, start, every=False):
@@ -472,3 +482,92 @@ def test_any_transformers_decoder_is_served_through_transformers(tmp_path, token
             assert out.choices[0].text == tok.decode(want)
         with pytest.raises(openai.BadRequestError, match="no chat template"):
             chat(client, model="gpt")
+
+
+def test_a_non_streaming_client_that_goes_away_frees_its_row(server, monkeypatch):
+    import http.client
+
+    bg, client = server
+    engine = loaded(bg, "tiny").engine
+    step, seen = engine.runner.step, []
+    monkeypatch.setattr(engine.runner, "step", lambda *a: (time.sleep(0.02), step(*a))[1])  # 230 steps: 5 s
+    observe = engine.observe
+    monkeypatch.setattr(engine, "observe", lambda event, v: (seen.append(v.finish_reason)
+                                                              if event == "finished" else None, observe(event, v)))
+    conn = http.client.HTTPConnection("127.0.0.1", bg.port, timeout=5)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 230,
+                       "ignore_eos": True})
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    deadline = time.time() + 5
+    while not engine.busy and time.time() < deadline:
+        time.sleep(0.01)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.time() + 10
+    while engine.busy and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.busy == 0
+    assert seen == ["cancelled"]
+
+
+def test_penalties_and_logit_bias_change_the_choice(server):
+    bg, client = server
+    plain = client.completions.create(model="tiny", prompt="def ", max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    forced = client.completions.create(model="tiny", prompt="def ", max_tokens=6, temperature=0,
+                                       logit_bias={"42": 100}, logprobs=1)
+    assert forced.choices[0].logprobs.tokens == [bg.app.state.pool.loaded["tiny"].tok.decode([42])] * 6
+    penalised = client.completions.create(model="tiny", prompt="def ", max_tokens=12, temperature=0,
+                                          frequency_penalty=2.0, presence_penalty=2.0,
+                                          extra_body={"ignore_eos": True})
+    tokens = lambda r: r.choices[0].text  # noqa: E731
+    assert tokens(penalised) != tokens(plain)
+    tok = bg.app.state.pool.loaded["tiny"].tok
+    ids = tok(penalised.choices[0].text, add_special_tokens=False)["input_ids"]
+    assert len(set(ids)) >= len(set(tok(plain.choices[0].text, add_special_tokens=False)["input_ids"]))
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(server, monkeypatch):
+    bg, client = server
+    engine = loaded(bg, "tiny").engine
+    step = engine.runner.step
+    monkeypatch.setattr(engine.runner, "step", lambda *a: (time.sleep(0.01), step(*a))[1])  # ~10 ms a token
+    done = {}
+
+    def run(name, n):
+        chat(client, name, max_tokens=n, extra_body={"ignore_eos": True})
+        done[name] = time.monotonic()
+    long = threading.Thread(target=run, args=("long", 200))
+    long.start()
+    time.sleep(0.3)                       # the long one is decoding when the short one arrives
+    run("short", 5)
+    long.join()
+    assert done["short"] < done["long"] - 0.5
+
+
+def test_models_dir_serves_every_folder_in_it_even_new_ones(folders, tmp_path):
+    import shutil
+
+    root = tmp_path / "models"
+    root.mkdir()
+    shutil.copytree(folders["base"], root / "first")
+    with Background(models_dir=str(root)) as url:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["first"]
+        shutil.copytree(folders["base"], root / "second")
+        assert [m.id for m in client.models.list()] == ["first", "second"]
+        assert chat(client, model="second").choices
+
+
+def test_tool_calls_are_parsed_from_replies():
+    from fmkit.server.tools import call_schema, parse_calls
+
+    text = 'Let me look.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    content, calls = parse_calls(text, {"weather"})
+    assert content == "Let me look." and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    assert parse_calls('{"name": "weather", "arguments": {}}', {"weather"})[1][0]["function"]["name"] == "weather"
+    assert parse_calls('<tool_call>{"name": "other"}</tool_call>', {"weather"}) == \
+        ('<tool_call>{"name": "other"}</tool_call>', [])
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in "ab"]
+    assert len(call_schema(tools, "required")["anyOf"]) == 2 and call_schema(tools, "b")["properties"]["name"] == \
+        {"const": "b"}

@@ -57,19 +57,26 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20) -> FastAPI:
         metrics.inc("fmkit_errors_total", code=e.code or str(e.status))
         return JSONResponse(e.body(), e.status, headers=e.headers)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        start, path = time.monotonic(), request.url.path
+    async def guard(scope, receive, send, inner):
+        """Size limit, keys and rate limits before any route, and request metrics after. A plain ASGI wrapper
+        (not Starlette's BaseHTTPMiddleware), so a route still sees its client disconnect."""
+        start, path, status = time.monotonic(), scope["path"], [500]
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
         try:
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > max_body:
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > max_body:
                 if int(length) <= 8 * max_body:   # read it away, so the client sees the answer, not a broken pipe
-                    async for _ in request.stream():
+                    while (await receive()).get("more_body"):
                         pass
                 raise P.APIError(413, f"request body of {int(length)} bytes is over this server's limit of "
                                       f"{max_body} bytes", None, "request_too_large")
             if path.startswith("/v1/") and keys.required:
-                key = keys.find(request.headers.get("authorization"))
+                key = keys.find(headers.get("authorization"))
                 if key is None:
                     raise P.APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'.",
                                      None, "invalid_api_key")
@@ -77,14 +84,14 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20) -> FastAPI:
                 if wait > 0:
                     raise P.APIError(429, f"rate limit reached for key {key.name}; retry in {math.ceil(wait)} s",
                                      None, "rate_limit_exceeded", "requests", {"Retry-After": str(math.ceil(wait))})
-                request.state.key = key
-            response = await call_next(request)
+                scope.setdefault("state", {})["key"] = key
         except P.APIError as e:
-            response = fail(e)
+            await fail(e)(scope, receive, sending)
+        else:
+            await inner(scope, receive, sending)
         if path.startswith("/v1/"):
-            metrics.inc("fmkit_requests_total", endpoint=path, status=response.status_code)
+            metrics.inc("fmkit_requests_total", endpoint=path, status=status[0])
             metrics.observe("fmkit_request_latency_seconds", time.monotonic() - start, endpoint=path)
-        return response
 
     @app.exception_handler(P.APIError)
     async def api_error(request: Request, e: P.APIError):
@@ -207,6 +214,16 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20) -> FastAPI:
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    class Guarded:
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            await guard(scope, receive, send, self.inner)
+
+    app.add_middleware(Guarded)
     return app
 
 

@@ -216,14 +216,21 @@ class Engine:
                 except Exception as e:
                     self._fail(s, e)
         self.observe("batch", len(live))
-        for seq, row in rows:
-            self._advance(seq, row)
+        if len(rows) == len(live):   # greedy rows without penalties take one argmax over the batch
+            best = logits.argmax(-1).tolist()
+            for (seq, row), token in zip(rows, best):
+                self._advance(seq, row, token if _plain_greedy(seq) else None)
+        else:
+            for seq, row in rows:
+                self._advance(seq, row)
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Choose the sequence's next token from its logits, append it, and finish it if it is done."""
+    def _advance(self, seq: Sequence, logits: torch.Tensor, token: int | None = None) -> None:
+        """Choose the sequence's next token from its logits (unless given), append it, finish it if it is done."""
         try:
             p = seq.params
-            if seq.forced:
+            if token is not None:
+                pass
+            elif seq.forced:
                 token = seq.forced.pop(0)
             else:
                 room = min(p.max_tokens - len(seq.tokens), self.context - len(seq.prompt) - len(seq.tokens))
@@ -278,6 +285,12 @@ class Engine:
         self.observe("finished", seq)
         if seq.notify:
             seq.notify()
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    p = seq.params
+    return (p.temperature <= 0 and not p.logit_bias and not p.presence_penalty and not p.frequency_penalty
+            and p.guide is None and not seq.forced)
 
 
 class DecoderRunner:

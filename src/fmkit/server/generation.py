@@ -17,7 +17,7 @@ class Job:
 
     def __init__(self, served, seqs: list[Sequence], param: str):
         self.served, self.seqs = served, seqs
-        self.event = asyncio.Event()
+        self.event, self.asked = asyncio.Event(), time.monotonic()
         loop = asyncio.get_running_loop()
         for s in seqs:
             s.notify = lambda: loop.call_soon_threadsafe(self.event.set)
@@ -34,14 +34,19 @@ class Job:
         return all(s.finished for s in self.seqs)
 
     async def wait(self, request) -> bool:
-        """Wait for progress; False when the client has gone (its sequences are then cancelled)."""
+        """Wait for progress; False when the client has gone (its sequences are then cancelled). Whether it has
+        gone is asked at most once a second, however often tokens arrive."""
         try:
             await asyncio.wait_for(self.event.wait(), 1.0)
         except asyncio.TimeoutError:
+            pass
+        self.event.clear()
+        now = time.monotonic()
+        if now - self.asked >= 1.0:
+            self.asked = now
             if await request.is_disconnected():
                 self.cancel()
                 return False
-        self.event.clear()
         return True
 
     def cancel(self) -> None:

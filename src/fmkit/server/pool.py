@@ -132,7 +132,10 @@ class Pool:
         with self.lock:
             gate = self.loading.setdefault(name, threading.Lock())
         with gate:   # one load per name at a time; other names load in parallel
-            served = self.loaded.get(name)
+            with self.lock:   # counted as used at once, so the sweeper cannot unload it from under the request
+                served = self.loaded.get(name)
+                if served is not None:
+                    served.users += 1
             if served is None:
                 try:
                     served = self._load(name)
@@ -141,20 +144,22 @@ class Pool:
                 except Exception as e:   # a folder transformers cannot load: the server goes on
                     raise FmkitError(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") \
                         from None
+                served.users = 1
                 with self.lock:
                     self._make_room(served.nbytes)
                     self.loaded[name] = served
                 if self.observe:
                     self.observe("loaded", served, name)
-        served.users += 1
-        served.last_used = time.monotonic()
-        served.keep_alive = parse_keep_alive(keep_alive, self.keep_alive) if keep_alive is not None \
-            else served.keep_alive
+        with self.lock:
+            served.last_used = time.monotonic()
+            if keep_alive is not None:
+                served.keep_alive = parse_keep_alive(keep_alive, self.keep_alive)
         return served
 
     def done(self, served: Served) -> None:
-        served.users -= 1
-        served.last_used = time.monotonic()
+        with self.lock:
+            served.users -= 1
+            served.last_used = time.monotonic()
 
     def sweep(self) -> list[str]:
         """Unload the models whose keep-alive has run out; returns their names."""
