@@ -57,11 +57,10 @@ def embeddings(served, body: dict) -> tuple[list, int]:
         if len(item) > served.context:
             raise P.invalid(f"input[{i}] has {len(item)} tokens; this model takes at most {served.context}",
                             "input", "context_length_exceeded")
-    with served.lock:
-        if served.encoder is not None:
-            vectors = served.encoder.embed(texts)
-        else:
-            vectors = np.stack([_decoder_vector(served.decoder, item) for item in ids])
+    if served.encoder is not None:
+        vectors = served.compute.run(served.encoder.embed, texts)
+    else:
+        vectors = served.compute.run(lambda: np.stack([_decoder_vector(served.decoder, item) for item in ids]))
     if dims is not None:
         if dims > vectors.shape[1]:
             raise P.invalid(f"dimensions must be at most {vectors.shape[1]} for this model", "dimensions")

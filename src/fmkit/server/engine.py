@@ -1,10 +1,11 @@
-"""Continuous batching: one engine per loaded model, one thread that owns the model and its KV cache.
+"""Continuous batching: one engine per loaded model, all engines stepped by one compute thread.
 
-The cache has a fixed number of rows. A request's sequences (one per choice, `n`) wait in a bounded queue, take a
-free row when one is there, have their prompts prefilled in chunks of at most `chunk` tokens per iteration (so a
-long prompt never stalls the sequences already decoding for more than one chunk), and then advance one token per
-iteration together with every other decoding sequence, each at its own cache slot (`LlamaDecoder.step_rows`). A
-sequence leaves as soon as it is finished and its row goes to the next in the queue: nobody waits for the slowest.
+An engine's KV cache has a fixed number of rows. A request's sequences (one per choice, `n`) wait in a bounded
+queue, take a free row when one is there, have their prompts prefilled in chunks of at most `chunk` tokens per
+iteration (so a long prompt never stalls the sequences already decoding for more than one chunk), and then advance
+one token per iteration together with every other decoding sequence, each at its own cache slot
+(`LlamaDecoder.step_rows`). A sequence leaves as soon as it is finished and its row goes to the next in the
+queue: nobody waits for the slowest.
 
 Each sequence samples with its own seeded generator from its own logits, and the compiled step computes every row
 with the same arithmetic whatever else is in the batch, so a seeded (or greedy) request's text does not depend on
@@ -16,6 +17,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -82,18 +84,20 @@ class Engine:
     """Owns a runner (the model and its cache rows) and serves sequences from a bounded queue."""
 
     def __init__(self, runner, tok, eos_ids: set[int], max_queue: int = 256, chunk: int = 256, observe=None,
-                 name: str = "model"):
-        self.runner, self.tok, self.eos_ids = runner, tok, eos_ids
+                 name: str = "model", compute: "Compute | None" = None):
+        self.runner, self.tok, self.eos_ids, self.name = runner, tok, eos_ids, name
         self.max_queue, self.chunk, self.observe = max_queue, chunk, observe or (lambda *a: None)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.prefilling: list[Sequence] = []
         self.decoding: list[Sequence] = []
         self.free = list(range(runner.rows))[::-1]
-        self.lock = threading.Condition()
+        self.lock = threading.Lock()
         self.stopping = False
         self.steps = 0
-        self.thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
-        self.thread.start()
+        self.deliver = lambda notes: [note() for note in notes]   # the server hands these to its event loop
+        self._notes: dict[int, object] = {}
+        self.compute = compute or Compute.default()
+        self.compute.add(self)
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -121,36 +125,37 @@ class Engine:
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"the queue for this model is full ({self.max_queue} waiting)")
             self.waiting.extend(seqs)
-            self.lock.notify()
+        self.compute.wake()
 
     def stop(self, wait: float = 30.0) -> None:
-        """Finish what is running (new requests are refused), then end the thread."""
+        """Refuse new requests, let what is running finish (up to `wait` seconds), then leave the compute thread."""
         with self.lock:
             self.stopping = True
-            self.lock.notify()
-        self.thread.join(wait)
+        deadline = time.monotonic() + wait
+        while self.busy and time.monotonic() < deadline and self.compute.alive:
+            time.sleep(0.01)
+        self.compute.remove(self)
 
-    # ---- the loop ----------------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self.lock:
-                while not (self.waiting or self.prefilling or self.decoding):
-                    if self.stopping:
-                        return
-                    self.lock.wait(0.5)
-                while self.waiting and self.free:
-                    seq = self.waiting.popleft()
-                    if seq.cancelled:
-                        self._finish(seq, "cancelled")
-                        continue
-                    seq.row = self.free.pop()
-                    self.prefilling.append(seq)
-            try:
-                self._iterate()
-            except Exception as e:  # a bug in the loop itself: fail what is running, keep serving
-                for seq in self.prefilling + self.decoding:
-                    self._fail(seq, e)
-                self.prefilling, self.decoding = [], []
+    # ---- one iteration, run by the compute thread ----------------------------------------------------------------
+    def iterate(self) -> None:
+        """Admit waiting sequences to free rows, prefill one chunk's worth, advance every decoding sequence."""
+        with self.lock:
+            while self.waiting and self.free:
+                seq = self.waiting.popleft()
+                if seq.cancelled:
+                    self._finish(seq, "cancelled")
+                    continue
+                seq.row = self.free.pop()
+                self.prefilling.append(seq)
+        try:
+            self._iterate()
+        except Exception as e:  # a bug in the loop itself: fail what is running, keep serving
+            for seq in self.prefilling + self.decoding:
+                self._fail(seq, e)
+            self.prefilling, self.decoding = [], []
+        if self._notes:   # one hand-over per step, however many sequences moved
+            notes, self._notes = list(self._notes.values()), {}
+            self.deliver(notes)
 
     def _iterate(self) -> None:
         for seq in [s for s in self.prefilling + self.decoding if s.cancelled]:
@@ -256,8 +261,7 @@ class Engine:
                 return self._finish(seq, "stop")
             if len(seq.tokens) >= p.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.context:
                 return self._finish(seq, "length")
-            if seq.notify:
-                seq.notify()
+            self._note(seq)
         except Exception as e:
             self._fail(seq, e)
 
@@ -283,8 +287,78 @@ class Engine:
             self.free.append(seq.row)
             seq.row = None
         self.observe("finished", seq)
-        if seq.notify:
-            seq.notify()
+        self._note(seq)
+
+    def _note(self, seq: Sequence) -> None:
+        if seq.notify is not None:
+            self._notes[id(seq.notify)] = seq.notify
+
+
+class Compute:
+    """The one thread that runs models: every engine's steps, and model loads and embeddings in between.
+
+    Running all of it on one thread matters on a CPU: an OpenMP team (PyTorch's, and the compiled step's) made
+    by any other thread that ran tensor work slowed this one's steps by ~20% (measured at batch 16), and two
+    engines stepping at once would only fight over the same cores. Several loaded models take turns, one step
+    each."""
+
+    _default: "Compute | None" = None
+
+    def __init__(self):
+        self.engines: list[Engine] = []
+        self.jobs: collections.deque = collections.deque()
+        self.cv = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name="fmkit-compute", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def default(cls) -> "Compute":
+        if cls._default is None or not cls._default.alive:
+            cls._default = cls()
+        return cls._default
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def run(self, fn, *args):
+        """fn(*args) on the compute thread, between steps; its result, or what it raised."""
+        if threading.current_thread() is self.thread:
+            return fn(*args)
+        done = Future()
+        with self.cv:
+            self.jobs.append((done, fn, args))
+            self.cv.notify()
+        return done.result()
+
+    def add(self, engine: Engine) -> None:
+        with self.cv:
+            self.engines.append(engine)
+
+    def remove(self, engine: Engine) -> None:
+        with self.cv:
+            if engine in self.engines:
+                self.engines.remove(engine)
+
+    def wake(self) -> None:
+        with self.cv:
+            self.cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self.jobs and not any(e.busy for e in self.engines):
+                    self.cv.wait(0.5)
+                job = self.jobs.popleft() if self.jobs else None
+                engines = [e for e in self.engines if e.busy]
+            if job is not None:
+                done, fn, args = job
+                try:
+                    done.set_result(fn(*args))
+                except BaseException as e:
+                    done.set_exception(e)
+            for engine in engines:
+                engine.iterate()
 
 
 def _plain_greedy(seq: Sequence) -> bool:

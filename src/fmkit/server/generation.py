@@ -20,7 +20,8 @@ class Job:
         self.event, self.asked = asyncio.Event(), time.monotonic()
         loop = asyncio.get_running_loop()
         for s in seqs:
-            s.notify = lambda: loop.call_soon_threadsafe(self.event.set)
+            s.notify = self.event.set
+        served.engine.deliver = lambda notes: loop.call_soon_threadsafe(_run_all, notes)
         try:
             served.engine.submit(seqs)
         except QueueFull as e:
@@ -62,6 +63,11 @@ class Job:
     def usage(self, prompt_tokens: int) -> dict:
         done = sum(len(s.tokens) for s in self.seqs)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+
+def _run_all(notes) -> None:
+    for note in notes:
+        note()
 
 
 def _guide(served, schema):

