@@ -22,7 +22,7 @@ from .keys import Keys
 from .metrics import BATCH_BUCKETS, Metrics
 
 
-def create_app(pool, keys: Keys, max_body: int = 8 << 20) -> FastAPI:
+def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float = 0.0) -> FastAPI:
     metrics = Metrics()
     state = {"ready": False}
 
@@ -142,6 +142,7 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20) -> FastAPI:
         name, served = await model_of(body, "generate")
         try:
             job, ctx = start_job(served, body)
+            job.interval = stream_interval
         except BaseException:
             pool.done(served)
             raise

@@ -18,6 +18,7 @@ class Job:
     def __init__(self, served, seqs: list[Sequence], param: str):
         self.served, self.seqs = served, seqs
         self.event, self.asked = asyncio.Event(), time.monotonic()
+        self.interval, self.sent = 0.0, 0.0   # streams: the least time between chunks (set by the app)
         loop = asyncio.get_running_loop()
         for s in seqs:
             s.notify = self.event.set
@@ -48,6 +49,17 @@ class Job:
             if await request.is_disconnected():
                 self.cancel()
                 return False
+        return True
+
+    async def paced(self, request) -> bool:
+        """`wait`, then for streams at most one chunk per `interval` seconds: the tokens of a faster stream
+        arrive several to a chunk, which costs the server and the client a fraction of one chunk per token."""
+        if not await self.wait(request):
+            return False
+        rest = self.sent + self.interval - time.monotonic()
+        if rest > 0 and not self.done:
+            await asyncio.sleep(rest)
+        self.sent = time.monotonic()
         return True
 
     def cancel(self) -> None:
@@ -227,7 +239,7 @@ async def chat_stream(job: Job, ctx: dict, request, model: str):
                     mark[2] = True
             if all(m[2] for m in sent.values()):
                 break
-            if not await job.wait(request):
+            if not await job.paced(request):
                 return
         if ctx["include_usage"]:
             yield _sse({**head, "choices": [], "usage": job.usage(ctx["prompt_tokens"])})
@@ -332,7 +344,7 @@ async def completion_stream(job: Job, ctx: dict, request, model: str):
                 mark[0], mark[1], mark[2] = max(mark[0], len(text)), mark[1] + len(new_lp), s.finished
             if all(m[2] for m in sent.values()):
                 break
-            if not await job.wait(request):
+            if not await job.paced(request):
                 return
         if ctx["include_usage"]:
             yield _sse({**head, "choices": [], "usage": job.usage(ctx["prompt_tokens"])})

@@ -21,7 +21,8 @@ def _need_packages() -> None:
 def build(models: list[str] | None = None, names: dict | None = None, models_dir: str | None = None,
           api_key: str | None = None, api_keys: str | None = None, dtype: str = "auto", max_batch: int = 32,
           kv_cache_mb: int = 0, memory_mb: float = 0, keep_alive: str = "30m", max_queue: int = 256,
-          max_body_mb: float = 8, trust_pickle: bool = False, workspace: str | Path | None = None):
+          max_body_mb: float = 8, stream_interval_ms: float = 50, trust_pickle: bool = False,
+          workspace: str | Path | None = None):
     """The ASGI app with its pool (models are loaded on first use). What `serve` runs and tests start."""
     _need_packages()
     from ..models.reference import resolve
@@ -53,14 +54,17 @@ def build(models: list[str] | None = None, names: dict | None = None, models_dir
         raise FmkitError(f"--keep-alive: {e}") from None
     pool = Pool(refs, models_dir, dtype, max_batch, kv_cache_mb, memory_mb, alive, max_queue,
                 trust_pickle=trust_pickle, workspace=workspace)
-    return create_app(pool, Keys(read_keys(api_key, api_keys)), int(max_body_mb * (1 << 20)))
+    if stream_interval_ms < 0:
+        raise FmkitError(f"--stream-interval-ms must be 0 or more, got {stream_interval_ms}")
+    return create_app(pool, Keys(read_keys(api_key, api_keys)), int(max_body_mb * (1 << 20)),
+                      stream_interval_ms / 1000)
 
 
 def serve(models: list[str] | None = None, names: dict | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, api_keys: str | None = None, models_dir: str | None = None,
           dtype: Literal["auto", "fp32", "bf16"] = "auto", max_batch: int = 32, kv_cache_mb: int = 0,
           memory_mb: float = 0, keep_alive: str = "30m", max_queue: int = 256, max_body_mb: float = 8,
-          trust_pickle: bool = False, workspace: str | Path | None = None) -> dict:
+          stream_interval_ms: float = 50, trust_pickle: bool = False, workspace: str | Path | None = None) -> dict:
     """Serve models over the OpenAI API (chat, completions, embeddings, streaming) with continuous batching.
 
     Code written for OpenAI runs against it by changing base_url (`OpenAI(base_url="http://HOST:PORT/v1")`).
@@ -84,6 +88,8 @@ def serve(models: list[str] | None = None, names: dict | None = None, host: str 
         keep_alive: How long an idle model stays loaded: seconds or 30s, 5m, 1h; -1 for ever.
         max_queue: Sequences that may wait per model before requests get 429.
         max_body_mb: Largest request body in MiB (larger: 413).
+        stream_interval_ms: Least time between two chunks of one stream; tokens that come faster are sent
+            together (0: one chunk per token).
         trust_pickle: Allow pickle weights (loading them can run code).
         workspace: Workspace folder where bare model names are looked up (default $FMKIT_WORKSPACE or
             ./fmkit-workspace).
@@ -91,7 +97,7 @@ def serve(models: list[str] | None = None, names: dict | None = None, host: str 
     import uvicorn
 
     app = build(models, names, models_dir, api_key, api_keys, dtype, max_batch, kv_cache_mb, memory_mb,
-                keep_alive, max_queue, max_body_mb, trust_pickle, workspace)
+                keep_alive, max_queue, max_body_mb, stream_interval_ms, trust_pickle, workspace)
     served = app.state.pool.names()
     console.print(f"serving {', '.join(served) or 'the models in ' + str(models_dir)} on http://{host}:{port}/v1 "
          f"({'keys required' if api_key or api_keys else 'no API key'})")
