@@ -142,7 +142,7 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
         name, served = await model_of(body, "generate")
         try:
             job, ctx = start_job(served, body)
-            job.interval = stream_interval
+            job.interval = job.engine.notify_every = stream_interval  # streams would not look more often
         except BaseException:
             pool.done(served)
             raise

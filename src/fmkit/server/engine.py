@@ -96,6 +96,8 @@ class Engine:
         self.steps = 0
         self.deliver = lambda notes: [note() for note in notes]   # the server hands these to its event loop
         self._notes: dict[int, object] = {}
+        self.notify_every = 0.0     # seconds between hand-overs of mere progress (first tokens and ends: at once)
+        self._urgent, self._delivered = False, 0.0
         self.text_of = _Decoder(tok)
         self.compute = compute or Compute.default()
         self.compute.add(self)
@@ -154,8 +156,10 @@ class Engine:
             for seq in self.prefilling + self.decoding:
                 self._fail(seq, e)
             self.prefilling, self.decoding = [], []
-        if self._notes:   # one hand-over per step, however many sequences moved
-            notes, self._notes = list(self._notes.values()), {}
+        now = time.monotonic()
+        if self._notes and (self._urgent or now - self._delivered >= self.notify_every):
+            notes, self._notes = list(self._notes.values()), {}   # one hand-over, however many moved
+            self._urgent, self._delivered = False, now
             self.deliver(notes)
 
     def _iterate(self) -> None:
@@ -262,7 +266,7 @@ class Engine:
                 return self._finish(seq, "stop")
             if len(seq.tokens) >= p.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.context:
                 return self._finish(seq, "length")
-            self._note(seq)
+            self._note(seq, len(seq.tokens) == 1)
         except Exception as e:
             self._fail(seq, e)
 
@@ -288,11 +292,12 @@ class Engine:
             self.free.append(seq.row)
             seq.row = None
         self.observe("finished", seq)
-        self._note(seq)
+        self._note(seq, True)
 
-    def _note(self, seq: Sequence) -> None:
+    def _note(self, seq: Sequence, urgent: bool = False) -> None:
         if seq.notify is not None:
             self._notes[id(seq.notify)] = seq.notify
+            self._urgent = self._urgent or urgent
 
 
 class Compute:

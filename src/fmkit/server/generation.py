@@ -23,6 +23,7 @@ class Job:
         for s in seqs:
             s.notify = self.event.set
         served.engine.deliver = lambda notes: loop.call_soon_threadsafe(_run_all, notes)
+        self.engine = served.engine
         try:
             served.engine.submit(seqs)
         except QueueFull as e:

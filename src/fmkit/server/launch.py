@@ -75,7 +75,7 @@ def serve(models: list[str] | None = None, names: dict | None = None, host: str 
     Args:
         models: Model references to serve (folders, adapters, hf:ORG/NAME, minilm for the packaged encoder),
             each under its folder's name.
-        names: Serve a reference under a name of your choosing: NAME=REF; repeatable.
+        names: Serve a reference under a name of your choosing, NAME=REF.
         host: Address to listen on (0.0.0.0 for every interface).
         port: Port to listen on.
         api_key: Require this bearer key on every /v1 request.
