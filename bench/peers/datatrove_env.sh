@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the virtual environment that runs the datatrove peer of bench/curate_throughput.py.
 #
-#   bash bench/peers/datatrove_env.sh [VENV_DIR]     (default: /work/main/.bench-envs/datatrove)
+#   bash bench/peers/datatrove_env.sh [VENV_DIR]     (default: .bench-envs/datatrove in the repository)
 #
 # datatrove lives here and never in the project's .venv. Besides datatrove itself this installs only
 # what its MinHash dedup and Gopher filters need to run with no network:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the virtual environment that runs the lm-evaluation-harness peer of bench/eval_throughput.py.
 #
-#   bash bench/peers/lmeval_env.sh [VENV_DIR]     (default: /work/main/.bench-envs/lmeval)
+#   bash bench/peers/lmeval_env.sh [VENV_DIR]     (default: .bench-envs/lmeval in the repository)
 #
 # lm-eval lives here and never in the project's .venv. Installed: lm-eval 0.4.13 with its "hf" extra
 # (transformers, torch, accelerate, peft), the CPU wheel of torch 2.13.0 and transformers 5.23.0 (the versions the
