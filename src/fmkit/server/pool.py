@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..errors import FmkitError
 from ..models.build import arch_of, max_positions
