@@ -419,21 +419,47 @@ def test_load_sixteen_clients_a_thousand_requests_no_5xx(server):
     assert end - middle < 50, f"memory grew {end - middle:.0f} MB over the second 500 requests"
 
 
-def test_fmkit_serve_command_shuts_down_gracefully(folders):
+def start_command(*args, env=None):
+    """`fmkit serve ARGS` on a free port, once /health says ready: (process, base URL)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "FMKIT_QUIET": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fmkit", "serve", str(folders["base"]), "--port", str(port),
-                             "--name", f"other={folders['base']}"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fmkit", "serve", *args, "--port", str(port)],
+                            env={**os.environ, "FMKIT_QUIET": "1", **(env or {})}, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if json.loads(urllib.request.urlopen(url + "/health").read())["status"] == "ready":
+                break
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+    return proc, url
+
+
+def test_a_hub_model_is_served_under_its_hub_id(folders, tmp_path):
+    import shutil
+
+    repo = tmp_path / "hub" / "models--fmkit-test--tiny"
+    shutil.copytree(folders["base"], repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    proc, url = start_command("hf:fmkit-test/tiny", env={"HF_HUB_CACHE": str(tmp_path / "hub"),
+                                                         "HF_HUB_OFFLINE": "1"})
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                if json.loads(urllib.request.urlopen(url + "/health").read())["status"] == "ready":
-                    break
-            except OSError:
-                time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["fmkit-test/tiny"]
+        r = client.completions.create(model="fmkit-test/tiny", prompt="def ", max_tokens=4)
+        assert r.model == "fmkit-test/tiny" and r.usage.completion_tokens >= 1
+        assert client.models.retrieve("fmkit-test/tiny").id == "fmkit-test/tiny"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_fmkit_serve_command_shuts_down_gracefully(folders):
+    proc, url = start_command(str(folders["base"]), "--name", f"other={folders['base']}")
+    try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         assert {m.id for m in client.models.list()} == {"tiny", "other"}
         result = {}

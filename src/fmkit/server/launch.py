@@ -32,7 +32,8 @@ def build(models: list[str] | None = None, names: dict | None = None, models_dir
 
     refs = {}
     for spec in models or []:
-        label = spec if spec == MINILM else resolve(spec, None, workspace).label
+        ref = None if spec == MINILM else resolve(spec, None, workspace)
+        label = spec if ref is None else ref.name if ref.kind == "hf" else ref.label   # hub ids as ORG/NAME
         if label in refs:
             raise FmkitError(f"two models would be served as '{label}'; name one with --name NAME=REF")
         refs[label] = spec

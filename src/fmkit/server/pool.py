@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from ..errors import FmkitError
 from ..models.build import arch_of, max_positions
 from ..models.reference import ModelRef, resolve
