@@ -271,6 +271,11 @@ def test_errors_come_in_openai_envelopes(server):
     assert got == 413 and out["error"]["code"] == "request_too_large"
     with pytest.raises(openai.NotFoundError, match="serves: tiny"):
         chat(client, model="nope")
+    got, out, _ = post(bg.url + "/responses-of-the-future", {})
+    assert got == 404 and out["error"]["code"] == "unknown_url"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(bg.url + "/chat/completions")          # GET where only POST is
+    assert err.value.code == 405 and json.loads(err.value.read())["error"]["code"] == "method_not_allowed"
     assert chat(client).choices[0].message.content is not None       # and the next request is served
 
 

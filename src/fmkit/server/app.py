@@ -13,6 +13,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FmkitError
 from . import generation as G
@@ -96,6 +97,13 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
     @app.exception_handler(P.APIError)
     async def api_error(request: Request, e: P.APIError):
         return fail(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):   # unknown routes, wrong methods
+        what = {404: f"no such route: {request.method} {request.url.path}",
+                405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return fail(P.APIError(e.status_code, what, None, {404: "unknown_url", 405: "method_not_allowed"}.get(
+            e.status_code, str(e.status_code))))
 
     async def body_of(request: Request) -> dict:
         chunks, size = [], 0
