@@ -38,3 +38,15 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_recipe(path)
     with pytest.raises(FmkitError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("key, value", [("steps", 0), ("batch_size", 0), ("grad_accum", 0), ("seq_len", 1),
+                                        ("log_every", 0), ("lr", 0)])
+def test_training_settings_that_cannot_train_are_refused_by_name(key, value):
+    from fmkit.adapt.training import train_config
+
+    with pytest.raises(FmkitError, match=f"train.{key} must be"):
+        load_recipe(None, {f"train.{key}": value}).train.check()
+    kw = dict(steps=10, batch_size=2, grad_accum=1, seq_len=16, lr=1e-3, seed=0)
+    with pytest.raises(FmkitError, match=f"train.{key} must be"):
+        train_config(**{**kw, key: value}) if key in kw else train_config(**kw, **{key: value})

@@ -209,6 +209,7 @@ def test_report_and_cli(tmp_path, corpus):
     ({"dedupe": {}}, "unknown recipe key 'dedupe'"),
     ({"dedup": {"band": 3}}, "did you mean 'dedup.bands'"),
     ({"dedup": {"jaccard": 1.5}}, "dedup.jaccard"),
+    ({"dedup": {"bands": 0}}, "dedup.bands in .* must be at least 1"),
     ({"pipeline": ["gopher_qualty"]}, "did you mean 'pipeline.gopher_quality'"),
     ({"pipeline": [{"gopher_quality": {"min_doc_word": 3}}]}, "did you mean 'pipeline.gopher_quality.min_doc_words'"),
     ({"pipeline": [{"c4": {"min_num_sentences": "five"}}]}, "pipeline.c4.min_num_sentences"),

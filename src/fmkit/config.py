@@ -52,6 +52,17 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
 
+    def check(self) -> "TrainConfig":
+        """Refuse settings that would crash mid-run or train nothing, naming the setting."""
+        least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "eval_every": 1, "eval_batches": 1,
+                 "save_every": 1, "log_every": 1, "warmup_steps": 0, "keep_last": 0}
+        for name, low in least.items():
+            if getattr(self, name) < low:
+                raise FmkitError(f"train.{name} must be at least {low}, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise FmkitError(f"train.lr must be more than 0, got {self.lr}")
+        return self
+
 
 @dataclass
 class Recipe:

@@ -26,7 +26,7 @@ def train_config(steps: int, batch_size: int, grad_accum: int, seq_len: int, lr:
                       warmup_steps=min(10, steps // 10), weight_decay=weight_decay,
                       eval_every=max(1, steps // 4) if validate else steps + 1, save_every=max(1, steps // 2),
                       keep_last=1, log_every=max(1, steps // 20), seed=seed, precision="fp32")
-    return dataclasses.replace(cfg, **train_kw)
+    return dataclasses.replace(cfg, **train_kw).check()
 
 
 def processes(device: str = "auto", mode: str = "ddp") -> parallel.Dist:

@@ -127,6 +127,9 @@ def load_curate_recipe(path=None, overrides=None) -> CurateRecipe:
     where = str(path) if path else "the command line"
     build_blocks(recipe.pipeline, where)
     build_sources(recipe.sources, where)
+    for name in ("ngram", "bands", "rows"):
+        if getattr(recipe.dedup, name) < 1:
+            raise FmkitError(f"dedup.{name} in {where} must be at least 1, got {getattr(recipe.dedup, name)}")
     if not 0 < recipe.dedup.jaccard <= 1:
         raise FmkitError(f"dedup.jaccard in {where} must be above 0 and at most 1, got {recipe.dedup.jaccard!r}")
     if recipe.executor not in ("local", "ray"):

@@ -98,6 +98,7 @@ def train(model: torch.nn.Module, objective: Callable, batches: Batches, cfg: Tr
           bytes_per_token: float | None = None, run_info: dict | None = None,
           on_log: Callable[[dict], None] | None = None, d: parallel.Dist | None = None) -> TrainResult:
     """Train `model` for cfg.steps optimizer steps; checkpoints go to out_dir/checkpoints, metrics to out_dir."""
+    cfg.check()
     tune_allocator()
     d = d or parallel.init(cfg.device)
     out_dir = Path(out_dir)

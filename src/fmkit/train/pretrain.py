@@ -84,6 +84,7 @@ def pretrain(recipe: str | Path | None = None, overrides: list[str] | dict | Non
         workspace: Workspace folder (default: the recipe's, else $FMKIT_WORKSPACE or ./fmkit-workspace).
     """
     rec = load_recipe(recipe, overrides)
+    rec.train.check()
     if workspace is not None:
         rec.workspace = str(workspace)
     cfg = rec.train
