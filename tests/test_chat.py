@@ -157,3 +157,15 @@ def test_incremental_text_equals_a_whole_decode(model):
         text = inc.add(ids[:n])
         assert tok.decode(ids[:n]).startswith(text)
     assert text == tok.decode(ids)
+
+
+def test_a_model_without_a_template_is_refused_with_choices_chat_takes(tmp_path, tokenizer_dir):
+    from conftest import save_tiny_llama
+
+    from fmkit.errors import FmkitError
+
+    folder = save_tiny_llama(tokenizer_dir, tmp_path / "plain", 128)   # not built by fmkit: no template given
+    with pytest.raises(FmkitError, match="has no chat template") as err:
+        Chat(folder, dtype="fp32")
+    assert "--template fmkit" in str(err.value) and "none" not in str(err.value)
+    assert Chat(folder, dtype="fp32", template="fmkit").template == "fmkit"

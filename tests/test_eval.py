@@ -346,3 +346,11 @@ def test_mcnemar_exact():
     r = M.mcnemar([0] * 7 + [1, 1, 0], [1] * 7 + [1, 1, 0])
     assert r["b_only"] == 7 and r["p_value"] == pytest.approx(2 / 2 ** 7)
     assert M.mcnemar([1, 0] * 5, [0, 1] * 5)["p_value"] == 1.0
+
+
+def test_one_task_may_be_named_as_a_string_and_a_negative_limit_is_refused(tmp_path, lm):
+    task = mc_task(tmp_path, ITEMS[:3], metrics=["acc"])
+    run = evaluate(lm, str(task), out=tmp_path / "run", workspace=tmp_path / "ws")
+    assert len((run / "samples.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(FmkitError, match="limit must be 0"):
+        evaluate(lm, [task], limit=-1, out=tmp_path / "run2", workspace=tmp_path / "ws")

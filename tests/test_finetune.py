@@ -151,6 +151,9 @@ def test_adapter_loads_with_peft_and_merge_equals_it(tmp_path, base, data):
         merged_logits = load_model(merged)(input_ids=x).logits
     assert not torch.allclose(peft_logits, base_logits, atol=1e-4)   # the adapter changed something
     assert torch.allclose(peft_logits, merged_logits, atol=1e-4)
+    for into in (out, base):
+        with pytest.raises(FmkitError, match="new folder"):
+            merge(out, into)                                            # never over the adapter or its base
 
 
 def test_bad_inputs(tmp_path, base, data):

@@ -45,7 +45,7 @@ class Chat:
                 self.max_new_tokens = self.gen.max_positions // 2
                 warn(f"replies capped at {self.max_new_tokens} tokens, half of {self.ref.spec}'s "
                      f"{self.gen.max_positions}-token context")
-            self.template = use_template(self.gen.tok, self.ref, template)
+            self.template = use_template(self.gen.tok, self.ref, template, plain_ok=False)
             # fmkit's role headers: a model that skips its EOS would go on to write the next turn itself
             self.stop = ["\n<|user|>", "\n<|system|>"] if self.gen.tok.chat_template == CHAT_TEMPLATE else []
         else:
@@ -112,8 +112,8 @@ class Chat:
 
     def save(self, path: str | Path) -> Path:
         """Append the conversation to `path` as one OpenAI chat JSONL line."""
-        path = Path(path)
-        if not any(m["role"] == "assistant" for m in self.messages):
+        path = Path(path).expanduser()
+        if not any(m["role"] == "assistant" and m["content"] for m in self.messages):
             raise FmkitError("nothing to save yet: the conversation has no reply")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:

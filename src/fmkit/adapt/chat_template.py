@@ -22,12 +22,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def use_template(tok, model: ModelRef, template: str = "chat") -> str:
+def use_template(tok, model: ModelRef, template: str = "chat", plain_ok: bool = True) -> str:
     """Give `tok` the chat template conversations are rendered in; returns which one, for fmkit.json.
 
     template: "chat" — the tokenizer's own chat template; a model fmkit built (fmkit.json) that has none gets
     fmkit's; any other model without one is refused, since inventing a format for it would not match how it was
-    trained. "fmkit" — fmkit's role headers, replacing the tokenizer's. A path to a .jinja file — that template."""
+    trained. "fmkit" — fmkit's role headers, replacing the tokenizer's. A path to a .jinja file — that template.
+    `plain_ok`: whether the caller also takes "none" (training does; a conversation needs roles), for the error."""
     if template == "fmkit":
         tok.chat_template = CHAT_TEMPLATE
         return "fmkit"
@@ -39,8 +40,9 @@ def use_template(tok, model: ModelRef, template: str = "chat") -> str:
         return f"file {path.resolve()}"
     if not getattr(tok, "chat_template", None):
         if not model.built_by_fmkit:
-            raise FmkitError(f"{model.spec} has no chat template: pass --template fmkit (fmkit's role headers), "
-                             "--template FILE.jinja (your own), or --template none (texts back to back)")
+            plain = ", or --template none (texts back to back)" if plain_ok else ""
+            raise FmkitError(f"{model.spec} has no chat template: pass --template fmkit (fmkit's role headers) or "
+                             f"--template FILE.jinja (your own){plain}")
         tok.chat_template = CHAT_TEMPLATE
         return "fmkit (added)"
     return "fmkit" if tok.chat_template == CHAT_TEMPLATE else "the model's own"

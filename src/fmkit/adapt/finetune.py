@@ -301,6 +301,8 @@ def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None,
     ref = resolve(adapter, base, workspace)
     if ref.kind != "adapter":
         raise FmkitError(f"{ref.spec} is not an adapter folder (no adapter_config.json); nothing to merge")
+    if Path(out).resolve() in (ref.path.resolve(), *([ref.base.path.resolve()] if ref.base.path else [])):
+        raise FmkitError(f"{out} is the adapter or its base; write the merged model to a new folder")
     merged = ref.load(merge=True)
     manifest = {"kind": "model", "method": "merged lora", "adapter": str(ref.path.resolve()),
                 "parent_model": parent_name(ref.base), "lineage": ref.lineage()}

@@ -256,6 +256,9 @@ def evaluate(model: str | Path | Model, tasks: list[str], out: str | Path | None
         workspace: Workspace folder: eval runs, the registry, and bare model names.
     """
     started = time.time()
+    if limit < 0:
+        raise FmkitError(f"limit must be 0 (all items) or a positive number of items, got {limit}")
+    tasks = [tasks] if isinstance(tasks, (str, Path)) else tasks   # fmkit.evaluate(model, "task") names one task
     loaded = [load_task(t) for t in tasks]   # check every task before loading the model
     if not loaded:
         raise FmkitError("name at least one task: a YAML file or a built-in name such as stdlib_docstring_to_name")
