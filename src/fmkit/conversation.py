@@ -113,7 +113,7 @@ class Chat:
     def save(self, path: str | Path) -> Path:
         """Append the conversation to `path` as one OpenAI chat JSONL line."""
         path = Path(path).expanduser()
-        if not any(m["role"] == "assistant" and m["content"] for m in self.messages):
+        if not any(m["role"] == "assistant" for m in self.messages):
             raise FmkitError("nothing to save yet: the conversation has no reply")
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
