@@ -47,7 +47,7 @@ class TrainConfig:
     device: str = "auto"      # auto | cpu | cuda
     eval_every: int = 100
     eval_batches: int = 8
-    save_every: int = 500
+    save_every: int = 500     # 0: only the last step
     keep_last: int = 2
     log_every: int = 10
     seed: int = 0
@@ -55,7 +55,7 @@ class TrainConfig:
     def check(self) -> "TrainConfig":
         """Refuse settings that would crash mid-run or train nothing, naming the setting."""
         least = {"steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 2, "eval_every": 1, "eval_batches": 1,
-                 "save_every": 1, "log_every": 1, "warmup_steps": 0, "keep_last": 0}
+                 "save_every": 0, "log_every": 1, "warmup_steps": 0, "keep_last": 0}
         for name, low in least.items():
             if getattr(self, name) < low:
                 raise FmkitError(f"train.{name} must be at least {low}, got {getattr(self, name)}")
