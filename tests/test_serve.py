@@ -30,7 +30,8 @@ def make_adapter(base, out):
     from fmkit.workspace import write_manifest
 
     torch.manual_seed(3)
-    net = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    net = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
     for name, p in net.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)   # a LoRA that changes the outputs
@@ -195,8 +196,8 @@ def test_json_schema_outputs_parse_and_validate(server):
     call = r.choices[0].message.tool_calls[0]
     assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "weather"
     assert isinstance(json.loads(call.function.arguments)["city"], str)
-    status, body, _ = post(bg.url + "/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                                           "tools": [tool], "tool_choice": "auto"})
+    status, body, _ = post(bg.url + "/chat/completions", {"model": "tiny", "tools": [tool], "tool_choice": "auto",
+                                                           "messages": [{"role": "user", "content": "x"}]})
     assert status == 400 and body["error"]["code"] == "tools_not_supported"   # fmkit's template has no tools
 
 
@@ -482,7 +483,9 @@ def test_fmkit_serve_command_shuts_down_gracefully(folders):
 
 
 def test_serve_refuses_bad_arguments_in_one_line(folders, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "fmkit", "serve", *a], capture_output=True, text=True)  # noqa: E731
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "fmkit", "serve", *args], capture_output=True, text=True)
+
     for args, words in ([(), "nothing to serve"], [(str(tmp_path / "missing"),), "no such folder"],
                         [(str(folders["base"]), "--keep-alive", "soon"), "keep_alive"],
                         [(str(folders["base"]), str(folders["base"])), "--name"]):

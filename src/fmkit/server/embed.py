@@ -18,7 +18,9 @@ def inputs(body: dict, tok) -> tuple[list[str], list[list[int]]]:
     value = body.get("input")
     if value is None:
         raise P.APIError(400, "'input' is a required property", "input", "missing_required_parameter")
-    is_ids = lambda v: isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v)  # noqa: E731
+    def is_ids(v) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
     if isinstance(value, str):
         items = [value]
     elif is_ids(value):
