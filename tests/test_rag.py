@@ -75,12 +75,16 @@ def test_citations_checked_against_retrieved_chunks(corpus):
     assert "[1]" in prompts[0] and "[3]" in prompts[0] and "[4]" not in prompts[0]
     assert "When was the Varnholm lighthouse painted?" in prompts[0] and result["prompt"] == prompts[0]
 
+    budgets = []
+
     class Cites(Model):   # an fmkit providers Model is accepted in place of a callable
         def generate(self, requests):
+            budgets.extend(r.max_tokens for r in requests)
             return [f"Orange [2, 3] and [0] ({len(r.prompt) > 0})" for r in requests]
 
-    result = rag.ask(corpus["index"], "When was the Varnholm lighthouse painted?", k=3, model=Cites())
-    assert result["citations"] == [2, 3] and result["invalid_citations"] == [0]
+    result = rag.ask(corpus["index"], "When was the Varnholm lighthouse painted?", k=3, model=Cites(),
+                     max_new_tokens=40)
+    assert result["citations"] == [2, 3] and result["invalid_citations"] == [0] and budgets == [40]
 
 
 def test_filter_applies_inside_retrieval(corpus):

@@ -142,13 +142,13 @@ def _prompt(question: str, chunks: list[dict]) -> str:
             f"{sources}\n\nQuestion: {question}\nAnswer:")
 
 
-def _writer(model, workspace):
+def _writer(model, workspace, max_tokens: int = 256):
     """prompt -> answer text for a model reference or an fmkit providers Model."""
     from ...providers import GenRequest, Model, get_model
     from ...models.reference import resolve
 
     m = model if isinstance(model, Model) else get_model(resolve(model, workspace=workspace))
-    return lambda p: m.generate([GenRequest(p, max_tokens=256)])[0]
+    return lambda p: m.generate([GenRequest(p, max_tokens=max_tokens)])[0]
 
 
 def _citations(answer: str) -> list[int]:
@@ -160,7 +160,7 @@ def _citations(answer: str) -> list[int]:
 
 
 def ask(index_dir: str | Path, question: str, k: int = 5, filters: dict | None = None, model: str | None = None,
-        encoder: str | Path | None = None, workspace: str | Path | None = None) -> dict:
+        encoder: str | Path | None = None, max_new_tokens: int = 256, workspace: str | Path | None = None) -> dict:
     """Answer a question from an index: hybrid BM25 + dense retrieval, and an answer with [n] citations.
 
     Retrieval is hybrid: BM25 over the FTS5 table and dense search (cosine over every chunk, the best rescored in
@@ -183,12 +183,15 @@ def ask(index_dir: str | Path, question: str, k: int = 5, filters: dict | None =
         filters: Only chunks with this metadata; a key given twice allows either value.
         model: Model that writes a cited answer (a model reference); without it the top chunk is the answer.
         encoder: Encoder folder, instead of the one the index was built with.
+        max_new_tokens: Longest answer the model may write, in tokens.
         workspace: Workspace folder where a bare model name is looked up.
     """
     if not question.strip():
         raise FmkitError("the question is empty")
     if k < 1:
         raise FmkitError(f"k must be at least 1, got {k}")
+    if max_new_tokens < 1:
+        raise FmkitError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     db = store.open_index(index_dir)
     try:
         if not db.execute("SELECT 1 FROM chunks LIMIT 1").fetchone():
@@ -231,7 +234,7 @@ def ask(index_dir: str | Path, question: str, k: int = 5, filters: dict | None =
         answer = f"{chunks[0]['text']} [1]"
     else:
         prompt = _prompt(question, chunks)
-        answer = model(prompt) if callable(model) else _writer(model, workspace)(prompt)
+        answer = model(prompt) if callable(model) else _writer(model, workspace, max_new_tokens)(prompt)
     cited = _citations(answer)
     return {"question": question, "answer": answer, "chunks": chunks, "prompt": prompt,
             "citations": [c for c in cited if 1 <= c <= len(chunks)],
