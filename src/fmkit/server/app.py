@@ -150,7 +150,7 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
         name, served = await model_of(body, "generate")
         try:
             job, ctx = start_job(served, body)
-            job.interval = job.engine.notify_every = stream_interval  # streams would not look more often
+            job.interval = stream_interval
         except BaseException:
             pool.done(served)
             raise

@@ -3,12 +3,13 @@ engine's progress becomes OpenAI responses, whole or as server-sent-event chunks
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
 
 from . import protocol as P
-from .engine import Params, PromptTooLong, QueueFull, Sequence
+from .engine import PromptTooLong, QueueFull, Sequence
 from .tools import as_call, call_schema, parse_calls, supports_tools
 
 
@@ -23,7 +24,6 @@ class Job:
         for s in seqs:
             s.notify = self.event.set
         served.engine.deliver = lambda notes: loop.call_soon_threadsafe(_run_all, notes)
-        self.engine = served.engine
         try:
             served.engine.submit(seqs)
         except QueueFull as e:
@@ -86,9 +86,8 @@ def _run_all(notes) -> None:
 def _guide(served, schema):
     from .constrain import JsonConstraint, TokenGuide
 
-    if not hasattr(served, "pieces"):
-        tok = served.tok
-        served.pieces = [tok.decode([i]) for i in range(len(tok))]
+    if served.pieces is None:   # once per model, on its first JSON request
+        served.pieces = [served.tok.decode([i]) for i in range(len(served.tok))]
     try:
         constraint = JsonConstraint(None if schema is True else schema)
     except ValueError as e:
@@ -114,8 +113,8 @@ def chat_job(served, body: dict):
     messages = P.messages(body)
     stream, include_usage = P.streaming(body)
     n = P.get(body, "n", (int,), 1, 1, P.MAX_N)
-    limit = P.token_budget(body, "max_completion_tokens", 1)
-    limit = limit if limit is not None else P.token_budget(body, "max_tokens", 1)
+    limit = P.get(body, "max_completion_tokens", (int,), None, 1)
+    limit = limit if limit is not None else P.get(body, "max_tokens", (int,), None, 1)
     logprobs = P.get(body, "logprobs", (bool,), False)
     top = P.get(body, "top_logprobs", (int,), None, 0, 20)
     if top is not None and not logprobs:
@@ -145,14 +144,10 @@ def chat_job(served, body: dict):
     forced = use_tools and choice != "auto"
     if fmt is not None or forced:
         params.guide = _guide(served, call_schema(tools, choice) if forced else fmt)
-    seqs = [Sequence(prompt, _copy(params), i) for i in range(n)]
+    seqs = [Sequence(prompt, dataclasses.replace(params), i) for i in range(n)]
     ctx = dict(stream=stream, include_usage=include_usage, prompt_tokens=len(prompt), forced=forced,
                tools={t["function"]["name"] for t in tools} if use_tools and choice == "auto" else set())
     return Job(served, seqs, "messages"), ctx
-
-
-def _copy(p: Params) -> Params:
-    return Params(**vars(p))
 
 
 def _message(seq: Sequence, ctx: dict) -> tuple[dict, str]:
@@ -196,51 +191,59 @@ async def chat_stream(job: Job, ctx: dict, request, model: str):
     calls are sent whole at the end."""
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": model, "system_fingerprint": job.served.fingerprint}
-    if ctx["include_usage"]:
-        head["usage"] = None
     tok, hold = job.served.tok, bool(ctx["forced"] or ctx["tools"])
-    sent = {s.index: [0, 0, False] for s in job.seqs}   # characters, logprob entries, finished
+
+    def chunks(s: Sequence, mark: list):
+        if hold and not s.finished:
+            return
+        text = s.text if s.finished else s.visible
+        new_lp = s.logprobs[mark[1]:]
+        delta, reason = {}, None
+        if s.finished and hold:
+            message, reason = _message(s, ctx)
+            delta = {k: v for k, v in message.items() if k in ("content", "tool_calls") and v}
+            if "tool_calls" in delta:
+                delta["tool_calls"] = [{**c, "index": i} for i, c in enumerate(delta["tool_calls"])]
+        elif s.finished:
+            reason = s.finish_reason
+        if not hold and len(text) > mark[0]:
+            delta["content"] = text[mark[0]:]
+        if delta or new_lp:
+            lp = {"content": [_entry(tok, *e) for e in new_lp], "refusal": None} \
+                if s.params.logprobs is not None and new_lp else None
+            yield {**head, "choices": [{"index": s.index, "delta": delta, "logprobs": lp, "finish_reason": None}]}
+        mark[0], mark[1] = max(mark[0], len(text)), mark[1] + len(new_lp)
+        if s.finished:
+            yield {**head, "choices": [{"index": s.index, "delta": {}, "logprobs": None, "finish_reason": reason}]}
+
+    first = [{**head, "choices": [{"index": s.index, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}]} for s in job.seqs]
+    async for line in _stream(job, ctx, request, head, chunks, first):
+        yield line
+
+
+async def _stream(job: Job, ctx: dict, request, head: dict, chunks, first=()):
+    """What both endpoints' streams share: `first`, then, until every sequence has finished, the chunks
+    `chunks(seq, mark)` makes from a sequence's progress (mark: [characters sent, logprob entries sent]), at most
+    one round per stream interval; a sequence that failed gets an error event; then the usage chunk (with
+    include_usage, when every other chunk carries "usage": null) and [DONE]."""
+    usage = {"usage": None} if ctx["include_usage"] else {}
+    marks = {s.index: [0, 0] for s in job.seqs}
+    open_ = list(job.seqs)
     try:
-        for s in job.seqs:
-            yield _sse({**head, "choices": [{"index": s.index, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
-        while True:
-            for s in job.seqs:
-                mark = sent[s.index]
-                if mark[2] or (hold and not s.finished):
-                    continue
-                text = s.text if s.finished else s.visible
-                new_lp = s.logprobs[mark[1]:]
-                delta = {}
-                reason = None
+        for chunk in first:
+            yield _sse({**chunk, **usage})
+        while open_:
+            for s in list(open_):
+                if s.finish_reason == "error":
+                    yield _sse({"error": {"message": f"the model failed on this request ({s.error})",
+                                          "type": "server_error", "param": None, "code": "model_error"}})
+                else:
+                    for chunk in chunks(s, marks[s.index]):
+                        yield _sse({**chunk, **usage})
                 if s.finished:
-                    if s.finish_reason == "error":
-                        yield _sse({"error": {"message": f"the model failed on this request ({s.error})",
-                                              "type": "server_error", "param": None, "code": "model_error"}})
-                        mark[2] = True
-                        continue
-                    if hold:
-                        message, reason = _message(s, ctx)
-                        delta = {k: v for k, v in message.items() if k in ("content", "tool_calls") and v}
-                        if "tool_calls" in delta:
-                            delta["tool_calls"] = [{**c, "index": i} for i, c in enumerate(delta["tool_calls"])]
-                    else:
-                        reason = s.finish_reason
-                if not hold and len(text) > mark[0]:
-                    delta["content"] = text[mark[0]:]
-                if delta or new_lp:
-                    lp = {"content": [_entry(tok, *e) for e in new_lp], "refusal": None} \
-                        if s.params.logprobs is not None and new_lp else None
-                    yield _sse({**head, "choices": [{"index": s.index, "delta": delta, "logprobs": lp,
-                                                     "finish_reason": None}]})
-                mark[0], mark[1] = max(mark[0], len(text)), mark[1] + len(new_lp)
-                if s.finished:
-                    yield _sse({**head, "choices": [{"index": s.index, "delta": {}, "logprobs": None,
-                                                     "finish_reason": reason}]})
-                    mark[2] = True
-            if all(m[2] for m in sent.values()):
-                break
-            if not await job.paced(request):
+                    open_.remove(s)
+            if open_ and not await job.paced(request):
                 return
         if ctx["include_usage"]:
             yield _sse({**head, "choices": [], "usage": job.usage(ctx["prompt_tokens"])})
@@ -265,7 +268,7 @@ def completion_job(served, body: dict):
     logprobs = P.get(body, "logprobs", (int,), None, 0, 5)
     if echo and stream:
         raise P.invalid("echo is not supported with stream", "echo", "unsupported_value")
-    limit = P.token_budget(body, "max_tokens", 0)
+    limit = P.get(body, "max_tokens", (int,), None, 0)
     max_tokens = 16 if limit is None else limit
     if max_tokens == 0 and not echo:
         raise P.invalid("max_tokens 0 is only allowed with echo (to score the prompt)", "max_tokens")
@@ -276,7 +279,7 @@ def completion_job(served, body: dict):
     for p, i in zip(prompts, ids):
         if not i:
             raise P.invalid("'prompt' must not be empty", "prompt", "empty_prompt")
-    seqs = [Sequence(i, _copy(params), k * n + j) for k, i in enumerate(ids) for j in range(n)]
+    seqs = [Sequence(i, dataclasses.replace(params), k * n + j) for k, i in enumerate(ids) for j in range(n)]
     ctx = dict(stream=stream, include_usage=include_usage, prompt_tokens=sum(map(len, ids)), echo=echo,
                texts=[p if isinstance(p, str) else tok.decode(p) for p in prompts], n=n)
     return Job(served, seqs, "prompt"), ctx
@@ -316,39 +319,20 @@ async def completion_response(job: Job, ctx: dict, request, model: str) -> dict 
 async def completion_stream(job: Job, ctx: dict, request, model: str):
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": model, "system_fingerprint": job.served.fingerprint}
-    if ctx["include_usage"]:
-        head["usage"] = None
     tok = job.served.tok
-    sent = {s.index: [0, 0, False] for s in job.seqs}
-    try:
-        while True:
-            for s in job.seqs:
-                mark = sent[s.index]
-                if mark[2]:
-                    continue
-                if s.finish_reason == "error":
-                    yield _sse({"error": {"message": f"the model failed on this request ({s.error})",
-                                          "type": "server_error", "param": None, "code": "model_error"}})
-                    mark[2] = True
-                    continue
-                text = s.text if s.finished else s.visible
-                new_lp = s.logprobs[mark[1]:]
-                if len(text) > mark[0] or new_lp or s.finished:
-                    lp = None
-                    if s.params.logprobs is not None and new_lp:
-                        lp = {"tokens": [tok.decode([e[0]]) for e in new_lp],
-                              "token_logprobs": [e[1] for e in new_lp],
-                              "top_logprobs": [{tok.decode([t]): v for t, v in e[2]} for e in new_lp],
-                              "text_offset": [mark[0]] * len(new_lp)}
-                    yield _sse({**head, "choices": [{"index": s.index, "text": text[mark[0]:], "logprobs": lp,
-                                                     "finish_reason": s.finish_reason}]})
-                mark[0], mark[1], mark[2] = max(mark[0], len(text)), mark[1] + len(new_lp), s.finished
-            if all(m[2] for m in sent.values()):
-                break
-            if not await job.paced(request):
-                return
-        if ctx["include_usage"]:
-            yield _sse({**head, "choices": [], "usage": job.usage(ctx["prompt_tokens"])})
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancel()
+
+    def chunks(s: Sequence, mark: list):
+        text = s.text if s.finished else s.visible
+        new_lp = s.logprobs[mark[1]:]
+        if len(text) > mark[0] or new_lp or s.finished:
+            lp = None
+            if s.params.logprobs is not None and new_lp:
+                lp = {"tokens": [tok.decode([e[0]]) for e in new_lp], "token_logprobs": [e[1] for e in new_lp],
+                      "top_logprobs": [{tok.decode([t]): v for t, v in e[2]} for e in new_lp],
+                      "text_offset": [mark[0]] * len(new_lp)}
+            yield {**head, "choices": [{"index": s.index, "text": text[mark[0]:], "logprobs": lp,
+                                        "finish_reason": s.finish_reason}]}
+        mark[0], mark[1] = max(mark[0], len(text)), mark[1] + len(new_lp)
+
+    async for line in _stream(job, ctx, request, head, chunks):
+        yield line

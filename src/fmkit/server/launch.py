@@ -53,10 +53,11 @@ def build(models: list[str] | None = None, names: dict | None = None, models_dir
         alive = parse_keep_alive(keep_alive, 1800.0)
     except ValueError as e:
         raise FmkitError(f"--keep-alive: {e}") from None
-    pool = Pool(refs, models_dir, dtype, max_batch, kv_cache_mb, memory_mb, alive, max_queue,
-                trust_pickle=trust_pickle, workspace=workspace)
     if stream_interval_ms < 0:
         raise FmkitError(f"--stream-interval-ms must be 0 or more, got {stream_interval_ms}")
+    # streams look for news at most once per interval, so the engines need not hand it over more often
+    pool = Pool(refs, models_dir, dtype, max_batch, kv_cache_mb, memory_mb, alive, max_queue,
+                trust_pickle=trust_pickle, workspace=workspace, notify_every=stream_interval_ms / 1000)
     return create_app(pool, Keys(read_keys(api_key, api_keys)), int(max_body_mb * (1 << 20)),
                       stream_interval_ms / 1000)
 

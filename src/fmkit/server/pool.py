@@ -40,6 +40,7 @@ class Served:
     encoder: object = None         # rag Encoder for BERT-style models
     template: str = ""             # which chat template renders conversations
     compute: object = None         # the Compute thread that runs it
+    pieces: list | None = None     # each token decoded alone, for JSON-constrained decoding (made when first needed)
     keep_alive: float = 1800.0
     last_used: float = field(default_factory=time.monotonic)
     users: int = 0
@@ -81,13 +82,14 @@ class Pool:
     def __init__(self, refs: dict[str, str], models_dir: str | Path | None = None, dtype: str = "auto",
                  max_batch: int = 32, kv_cache_mb: int = 0, memory_mb: float = 0, keep_alive: float = 1800.0,
                  max_queue: int = 256, chunk: int = 256, trust_pickle: bool = False, observe=None,
-                 workspace: str | Path | None = None):
+                 workspace: str | Path | None = None, notify_every: float = 0.0):
         self.specs = dict(refs)
         self.models_dir = Path(models_dir).expanduser() if models_dir else None
         self.dtype, self.max_batch, self.kv_cache_mb = dtype, max_batch, kv_cache_mb
         self.budget = int(memory_mb * (1 << 20)) if memory_mb else available_memory() * 3 // 4
         self.keep_alive, self.max_queue, self.chunk = keep_alive, max_queue, chunk
         self.trust_pickle, self.observe, self.workspace = trust_pickle, observe, workspace
+        self.notify_every = notify_every   # engines hand progress to the server at most this often (seconds)
         self.loaded: dict[str, Served] = {}
         self.bases: dict[str, object] = {}   # base folder -> its loaded transformers model, shared by adapters
         self.lock = threading.Lock()
@@ -239,6 +241,7 @@ class Pool:
         eos = _eos_ids(tok, ref)
         observe = (lambda event, value: self.observe(event, value, name)) if self.observe else None
         engine = Engine(runner, tok, eos, self.max_queue, self.chunk, observe, name, self.compute)
+        engine.notify_every = self.notify_every
         return Served(name, ref, "generate", tok, fingerprint(ref, tok, dtype), length, nbytes, engine=engine,
                       decoder=decoder, template=template, keep_alive=self.keep_alive, compute=self.compute)
 

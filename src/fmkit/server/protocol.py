@@ -118,10 +118,6 @@ def streaming(body: dict) -> tuple[bool, bool]:
     return stream, include
 
 
-def token_budget(body: dict, name: str, lo: int) -> int | None:
-    return get(body, name, (int,), None, lo)
-
-
 def messages(body: dict) -> list[dict]:
     msgs = get(body, "messages", (list,), REQUIRED)
     if not msgs:
