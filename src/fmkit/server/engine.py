@@ -84,8 +84,8 @@ class Engine:
     """Owns a runner (the model and its cache rows) and serves sequences from a bounded queue."""
 
     def __init__(self, runner, tok, eos_ids: set[int], max_queue: int = 256, chunk: int = 256, observe=None,
-                 name: str = "model", compute: "Compute | None" = None):
-        self.runner, self.tok, self.eos_ids, self.name = runner, tok, eos_ids, name
+                 compute: "Compute | None" = None, notify_every: float = 0.0):
+        self.runner, self.tok, self.eos_ids = runner, tok, eos_ids
         self.max_queue, self.chunk, self.observe = max_queue, chunk, observe or (lambda *a: None)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.prefilling: list[Sequence] = []
@@ -93,10 +93,9 @@ class Engine:
         self.free = list(range(runner.rows))[::-1]
         self.lock = threading.Lock()
         self.stopping = False
-        self.steps = 0
         self.deliver = lambda notes: [note() for note in notes]   # the server hands these to its event loop
         self._notes: dict[int, object] = {}
-        self.notify_every = 0.0     # seconds between hand-overs of mere progress (first tokens and ends: at once)
+        self.notify_every = notify_every   # seconds between hand-overs of progress (first tokens, ends: at once)
         self._urgent, self._delivered = False, 0.0
         self.text_of = _Decoder(tok)
         self.compute = compute or Compute.default()
@@ -167,7 +166,6 @@ class Engine:
             self._finish(seq, "cancelled")
         self._prefill()
         self._decode()
-        self.steps += 1
 
     def _prefill(self) -> None:
         """Up to `chunk` prompt tokens this iteration, from the sequences that joined first."""

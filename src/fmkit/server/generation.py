@@ -276,9 +276,8 @@ def completion_job(served, body: dict):
     if echo and logprobs is not None:
         params.prompt_logprobs = logprobs
     ids = [p if isinstance(p, list) else (tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    for p, i in zip(prompts, ids):
-        if not i:
-            raise P.invalid("'prompt' must not be empty", "prompt", "empty_prompt")
+    if not all(ids):
+        raise P.invalid("'prompt' must not be empty", "prompt", "empty_prompt")
     seqs = [Sequence(i, dataclasses.replace(params), k * n + j) for k, i in enumerate(ids) for j in range(n)]
     ctx = dict(stream=stream, include_usage=include_usage, prompt_tokens=sum(map(len, ids)), echo=echo,
                texts=[p if isinstance(p, str) else tok.decode(p) for p in prompts], n=n)

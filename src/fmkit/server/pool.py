@@ -240,8 +240,7 @@ class Pool:
             nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         eos = _eos_ids(tok, ref)
         observe = (lambda event, value: self.observe(event, value, name)) if self.observe else None
-        engine = Engine(runner, tok, eos, self.max_queue, self.chunk, observe, name, self.compute)
-        engine.notify_every = self.notify_every
+        engine = Engine(runner, tok, eos, self.max_queue, self.chunk, observe, self.compute, self.notify_every)
         return Served(name, ref, "generate", tok, fingerprint(ref, tok, dtype), length, nbytes, engine=engine,
                       decoder=decoder, template=template, keep_alive=self.keep_alive, compute=self.compute)
 
