@@ -106,9 +106,62 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+# ---- output policy ---------------------------------------------------------------------------------------------
+def _screens(policy, seqs: list[Sequence], logprobs: bool) -> dict:
+    """{choice index: its Screen} under the request's output policy ({} without one)."""
+    if policy is None:
+        return {}
+    if logprobs and policy.changes_text:   # token pieces would show what the policy took out
+        actions = ", ".join(sorted(policy.actions))
+        raise P.invalid(f"logprobs cannot be combined with this server's output policy ({actions}), which changes "
+                        "the text", "logprobs", "unsupported_value")
+    return {s.index: policy.screen() for s in seqs}
+
+
+def _stop_if_blocked(s: Sequence, screen, text: str) -> None:
+    """Cancel a sequence as soon as its policy blocks its text, rather than generate what nobody will see."""
+    if screen is not None and screen.blocks(text, s.finished):
+        s.cancelled = True
+
+
+def _watch(job: Job, ctx: dict) -> None:
+    for s in job.seqs:
+        _stop_if_blocked(s, ctx["screens"].get(s.index), s.text)
+
+
+def _shown(s: Sequence, screen) -> str:
+    """What a stream may show of a sequence's text now: all of it, or what its screen lets through."""
+    text = s.text if s.finished else s.visible
+    if screen is None:
+        return text
+    _stop_if_blocked(s, screen, text)
+    return screen.stream(text, s.finished)
+
+
+def _end(s: Sequence, screen, reason: str | None = None) -> dict:
+    """A choice's finish_reason once it has finished, and under a policy its content_filter_results."""
+    if not s.finished:
+        return {"finish_reason": None}
+    reason = reason or s.finish_reason
+    if screen is None:
+        return {"finish_reason": reason}
+    return {"finish_reason": screen.reason(reason), "content_filter_results": screen.results()}
+
+
+def _screened(message: dict, screen) -> dict:
+    """A whole chat message under the screen: its content redacted (tool calls are left as the model wrote them),
+    or nothing at all when blocked."""
+    if screen is None:
+        return message
+    content = screen.whole(message["content"] or "")
+    if screen.blocked:
+        return {"role": "assistant", "content": "", "refusal": None}
+    return message if message["content"] is None else {**message, "content": content}
+
+
 # ---- chat ------------------------------------------------------------------------------------------------------
-def chat_job(served, body: dict):
-    """Check a chat request and start it; returns (job, context for the response)."""
+def chat_job(served, body: dict, policy=None):
+    """Check a chat request and start it under its output policy; returns (job, context for the response)."""
     P.unknown_fields(body, P.CHAT_FIELDS)
     messages = P.messages(body)
     stream, include_usage = P.streaming(body)
@@ -146,7 +199,8 @@ def chat_job(served, body: dict):
         params.guide = _guide(served, call_schema(tools, choice) if forced else fmt)
     seqs = [Sequence(prompt, dataclasses.replace(params), i) for i in range(n)]
     ctx = dict(stream=stream, include_usage=include_usage, prompt_tokens=len(prompt), forced=forced,
-               tools={t["function"]["name"] for t in tools} if use_tools and choice == "auto" else set())
+               tools={t["function"]["name"] for t in tools} if use_tools and choice == "auto" else set(),
+               screens=_screens(policy, seqs, logprobs))
     return Job(served, seqs, "messages"), ctx
 
 
@@ -172,14 +226,17 @@ async def chat_response(job: Job, ctx: dict, request, model: str) -> dict | None
     while not job.done:
         if not await job.wait(request):
             return None
+        _watch(job, ctx)
     job.check()
     tok = job.served.tok
     choices = []
     for s in job.seqs:
         message, reason = _message(s, ctx)
+        screen = ctx["screens"].get(s.index)
+        message = _screened(message, screen)
         lp = {"content": [_entry(tok, *e) for e in s.logprobs], "refusal": None} \
             if s.params.logprobs is not None else None
-        choices.append({"index": s.index, "message": message, "logprobs": lp, "finish_reason": reason})
+        choices.append({"index": s.index, "message": message, "logprobs": lp, **_end(s, screen, reason)})
     return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": job.served.fingerprint, "choices": choices,
             "usage": job.usage(ctx["prompt_tokens"])}
@@ -194,18 +251,19 @@ async def chat_stream(job: Job, ctx: dict, request, model: str):
     tok, hold = job.served.tok, bool(ctx["forced"] or ctx["tools"])
 
     def chunks(s: Sequence, mark: list):
+        screen = ctx["screens"].get(s.index)
         if hold and not s.finished:
+            _stop_if_blocked(s, screen, s.text)
             return
-        text = s.text if s.finished else s.visible
+        text = "" if hold else _shown(s, screen)
         new_lp = s.logprobs[mark[1]:]
         delta, reason = {}, None
         if s.finished and hold:
             message, reason = _message(s, ctx)
+            message = _screened(message, screen)
             delta = {k: v for k, v in message.items() if k in ("content", "tool_calls") and v}
             if "tool_calls" in delta:
                 delta["tool_calls"] = [{**c, "index": i} for i, c in enumerate(delta["tool_calls"])]
-        elif s.finished:
-            reason = s.finish_reason
         if not hold and len(text) > mark[0]:
             delta["content"] = text[mark[0]:]
         if delta or new_lp:
@@ -214,7 +272,7 @@ async def chat_stream(job: Job, ctx: dict, request, model: str):
             yield {**head, "choices": [{"index": s.index, "delta": delta, "logprobs": lp, "finish_reason": None}]}
         mark[0], mark[1] = max(mark[0], len(text)), mark[1] + len(new_lp)
         if s.finished:
-            yield {**head, "choices": [{"index": s.index, "delta": {}, "logprobs": None, "finish_reason": reason}]}
+            yield {**head, "choices": [{"index": s.index, "delta": {}, "logprobs": None, **_end(s, screen, reason)}]}
 
     first = [{**head, "choices": [{"index": s.index, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}]} for s in job.seqs]
@@ -253,7 +311,7 @@ async def _stream(job: Job, ctx: dict, request, head: dict, chunks, first=()):
 
 
 # ---- completions -----------------------------------------------------------------------------------------------
-def completion_job(served, body: dict):
+def completion_job(served, body: dict, policy=None):
     P.unknown_fields(body, P.COMPLETION_FIELDS)
     tok = served.tok
     prompts = P.completion_prompts(body, len(tok))
@@ -280,7 +338,8 @@ def completion_job(served, body: dict):
         raise P.invalid("'prompt' must not be empty", "prompt", "empty_prompt")
     seqs = [Sequence(i, dataclasses.replace(params), k * n + j) for k, i in enumerate(ids) for j in range(n)]
     ctx = dict(stream=stream, include_usage=include_usage, prompt_tokens=sum(map(len, ids)), echo=echo,
-               texts=[p if isinstance(p, str) else tok.decode(p) for p in prompts], n=n)
+               texts=[p if isinstance(p, str) else tok.decode(p) for p in prompts], n=n,
+               screens=_screens(policy, seqs, logprobs is not None))
     return Job(served, seqs, "prompt"), ctx
 
 
@@ -304,11 +363,13 @@ async def completion_response(job: Job, ctx: dict, request, model: str) -> dict 
     while not job.done:
         if not await job.wait(request):
             return None
+        _watch(job, ctx)
     job.check()
     tok, choices = job.served.tok, []
     for s in job.seqs:
         text = (ctx["texts"][s.index // ctx["n"]] if ctx["echo"] else "") + s.text
-        choices.append({"index": s.index, "text": text, "finish_reason": s.finish_reason,
+        screen = ctx["screens"].get(s.index)   # echoed prompts leave the server too, so they are screened
+        choices.append({"index": s.index, "text": screen.whole(text) if screen else text, **_end(s, screen),
                         "logprobs": _completion_logprobs(tok, s, ctx["echo"], s.params.logprobs)})
     return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": model, "system_fingerprint": job.served.fingerprint, "choices": choices,
@@ -321,7 +382,8 @@ async def completion_stream(job: Job, ctx: dict, request, model: str):
     tok = job.served.tok
 
     def chunks(s: Sequence, mark: list):
-        text = s.text if s.finished else s.visible
+        screen = ctx["screens"].get(s.index)
+        text = _shown(s, screen)
         new_lp = s.logprobs[mark[1]:]
         if len(text) > mark[0] or new_lp or s.finished:
             lp = None
@@ -330,7 +392,7 @@ async def completion_stream(job: Job, ctx: dict, request, model: str):
                       "top_logprobs": [{tok.decode([t]): v for t, v in e[2]} for e in new_lp],
                       "text_offset": [mark[0]] * len(new_lp)}
             yield {**head, "choices": [{"index": s.index, "text": text[mark[0]:], "logprobs": lp,
-                                        "finish_reason": s.finish_reason}]}
+                                        **_end(s, screen)}]}
         mark[0], mark[1] = max(mark[0], len(text)), mark[1] + len(new_lp)
 
     async for line in _stream(job, ctx, request, head, chunks):
