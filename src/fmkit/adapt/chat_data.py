@@ -27,6 +27,7 @@ class Report:
     path: str
     examples: int = 0
     errors: list = field(default_factory=list)      # "file:line: message"
+    problems: list = field(default_factory=list)    # (line, message): the same, for callers that name the file
     counts: Counter = field(default_factory=Counter)
 
     @property
@@ -63,6 +64,11 @@ def read_examples(path: str | Path, max_errors: int = 20) -> tuple[list[Example]
     if not p.is_file():
         raise FmkitError(f"training data {p} not found")
     examples = []
+
+    def problem(lineno: int, message: str) -> None:
+        report.problems.append((lineno, message))
+        report.errors.append(f"{p}:{lineno}: {message}")
+
     with open(p, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{p}:{lineno}"
@@ -72,27 +78,27 @@ def read_examples(path: str | Path, max_errors: int = 20) -> tuple[list[Example]
             try:
                 row = json.loads(raw)
             except UnicodeDecodeError:
-                report.errors.append(f"{where}: not UTF-8")
+                problem(lineno, "not UTF-8")
                 continue
             except json.JSONDecodeError as e:
-                report.errors.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                problem(lineno, f"invalid JSON ({e.msg} at column {e.colno})")
                 continue
             if not isinstance(row, dict):
-                report.errors.append(f"{where}: each line must be a JSON object")
+                problem(lineno, "each line must be a JSON object")
                 continue
             if "messages" in row:
                 msgs = row["messages"]
             elif "prompt" in row or "completion" in row:
                 if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
-                    report.errors.append(f"{where}: prompt and completion must both be strings")
+                    problem(lineno, "prompt and completion must both be strings")
                     continue
                 msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
             else:
-                report.errors.append(f"{where}: expected a 'messages' list or 'prompt' and 'completion' fields")
+                problem(lineno, "expected a 'messages' list or 'prompt' and 'completion' fields")
                 continue
             bad = _check_messages(msgs, where)
             if bad:
-                report.errors.append(f"{where}: {bad}")
+                problem(lineno, bad)
                 continue
             examples.append(Example(lineno, msgs))
             report.examples += 1
@@ -105,6 +111,22 @@ class BadLine(ValueError):
     """What is wrong with one JSONL line; `read_jsonl` adds the file and line number."""
 
 
+def scan_jsonl(path: Path, parse) -> tuple[list, list[tuple[int, str]]]:
+    """`parse(row)` of every JSON line of PATH (blank lines skipped), and the (line, problem) of each line that
+    `parse` rejects by raising BadLine or that is not JSON."""
+    items, problems = [], []
+    for lineno, raw in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            items.append(parse(json.loads(raw)))
+        except json.JSONDecodeError as e:
+            problems.append((lineno, f"invalid JSON ({e.msg})"))
+        except BadLine as e:
+            problems.append((lineno, str(e)))
+    return items, problems
+
+
 def read_jsonl(path: str | Path, parse, missing: str, empty: str) -> list:
     """`parse(row)` of every JSON line of PATH (blank lines skipped); `parse` raises BadLine to reject a line. All
     problems are reported together, each as `file:line: what is wrong`, in one FmkitError. `missing` names the file
@@ -112,16 +134,8 @@ def read_jsonl(path: str | Path, parse, missing: str, empty: str) -> list:
     p = Path(path)
     if not p.is_file():
         raise FmkitError(f"{missing} {p} not found")
-    items, errors = [], []
-    for lineno, raw in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            items.append(parse(json.loads(raw)))
-        except json.JSONDecodeError as e:
-            errors.append(f"{p}:{lineno}: invalid JSON ({e.msg})")
-        except BadLine as e:
-            errors.append(f"{p}:{lineno}: {e}")
+    items, problems = scan_jsonl(p, parse)
+    errors = [f"{p}:{n}: {msg}" for n, msg in problems]
     if errors:
         raise FmkitError(f"{len(errors)} problem(s) in {p}:\n  " + "\n  ".join(errors[:20]))
     if not items:

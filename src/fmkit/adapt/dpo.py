@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta
         lora_r: int = 8, lora_alpha: int = 16, steps: int = 100, lr: float | None = None, batch_size: int = 4,
         grad_accum: int = 1, max_len: int = 0, seed: int = 0, resume: bool = False,
         workspace: str | Path | None = None, template: str = "chat", base: str | Path | None = None,
-        **train_kw) -> Path:
+        on_log: Callable[[dict], None] | None = None, on_checkpoint: Callable | None = None, **train_kw) -> Path:
     """Align a model on chosen/rejected preference pairs with DPO; logs reward accuracy and margins.
 
     The reference is the starting model, scored once before training. Under torchrun each process trains on its
@@ -159,6 +160,9 @@ def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta
         workspace: Workspace folder (default $FMKIT_WORKSPACE or ./fmkit-workspace).
         template: Chat template: chat (the model's own; fmkit's for fmkit models), fmkit, none, or a .jinja file.
         base: Base model for an adapter given as MODEL (default: the one the adapter names).
+
+    `on_log(record)` and `on_checkpoint(step, model, record)` (Python only) see each logged record and each saved
+    checkpoint, as the loop's `train` describes.
     """
     from ..models.reference import resolve
     from ..train.loop import train
@@ -190,7 +194,8 @@ def dpo(model: str | Path, data: str | Path, out: str | Path | None = None, beta
     config = {"model": ref.spec, "data": str(data), "beta": beta, "lora": lora, "steps": steps}
     with run_record(d, workspace, "dpo", config, [base_id]) as run:
         started = time.time()
-        result = train(net, dpo_objective(beta), batches, cfg, out, resume=resume, run_info={"run_id": run.id}, d=d)
+        result = train(net, dpo_objective(beta), batches, cfg, out, resume=resume, run_info={"run_id": run.id}, d=d,
+                       on_log=on_log, on_checkpoint=on_checkpoint)
         manifest = {"kind": "adapter" if lora else "model", "method": "dpo" + (" lora" if lora else ""),
                     "beta": beta, "parent_model": parent_name(ref), "parent_id": base_id or None,
                     "data": str(Path(data).resolve()), "pairs": len(rows), "steps": result.step,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,13 +50,16 @@ def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict]:
         # changes nothing a target depends on, and leaving it out lets attention take the fused causal kernel.
         hidden = body(input_ids=batch["input_ids"], position_ids=pos, use_cache=False).last_hidden_state
         keep = targets != IGNORE_INDEX
-        loss = fused_linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep])
+        loss, accuracy = fused_linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep],
+                                                    accuracy=True)
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                       position_ids=pos, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                               ignore_index=IGNORE_INDEX)
-    return loss, {"tokens": int((targets != IGNORE_INDEX).sum())}
+                       position_ids=pos, use_cache=False).logits[:, :-1]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        keep = targets != IGNORE_INDEX
+        accuracy = (logits.argmax(-1) == targets)[keep].float().mean() if keep.any() else torch.zeros(())
+    # mean token accuracy: how often the most likely next token is the assistant's (OpenAI's fine-tuning figure)
+    return loss, {"tokens": int((targets != IGNORE_INDEX).sum()), "accuracy": float(accuracy)}
 
 
 class SFTBatches(StepBatches):
@@ -203,6 +207,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
              steps: int = 100, lr: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_len: int = 0,
              on_long: str = "truncate", val_data: str | Path | None = None, seed: int = 0, resume: bool = False,
              workspace: str | Path | None = None, template: str = "chat", base: str | Path | None = None,
+             on_log: Callable[[dict], None] | None = None, on_checkpoint: Callable | None = None,
              **train_kw) -> Path:
     """Fine-tune a causal language model (full, LoRA or QLoRA) on chat data, with the loss on assistant tokens only.
 
@@ -231,6 +236,9 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
         workspace: Workspace folder (default $FMKIT_WORKSPACE or ./fmkit-workspace).
         template: Chat template: chat (the model's own; fmkit's for fmkit models), fmkit, none, or a .jinja file.
         base: Base model for an adapter given as MODEL (default: the one the adapter names).
+
+    `on_log(record)` and `on_checkpoint(step, model, record)` (Python only) see each logged record and each saved
+    checkpoint, as the loop's `train` describes.
     """
     from ..models.reference import resolve
     from ..train.loop import train
@@ -269,7 +277,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path | None = None,
     with run_record(d, workspace, "finetune", config, [base_id]) as run:
         started = time.time()
         result = train(net, sft_objective, batches, cfg, out, val_batches=val, resume=resume,
-                       run_info={"run_id": run.id}, d=d)
+                       run_info={"run_id": run.id}, d=d,
+                       on_log=on_log, on_checkpoint=on_checkpoint)
         manifest = {"kind": "adapter" if lora else "model",
                     "method": "qlora" if qlora else "lora" if lora else "full", "parent_model": parent_name(ref),
                     "parent_id": base_id or None, "data": str(Path(data).resolve()), "examples": len(rows),

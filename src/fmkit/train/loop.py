@@ -96,8 +96,13 @@ def accumulate(module: torch.nn.Module, batches: Batches, step: int, cfg: TrainC
 def train(model: torch.nn.Module, objective: Callable, batches: Batches, cfg: TrainConfig, out_dir: str | Path,
           *, val_batches: list[dict] | None = None, resume: bool = False,
           bytes_per_token: float | None = None, run_info: dict | None = None,
-          on_log: Callable[[dict], None] | None = None, d: parallel.Dist | None = None) -> TrainResult:
-    """Train `model` for cfg.steps optimizer steps; checkpoints go to out_dir/checkpoints, metrics to out_dir."""
+          on_log: Callable[[dict], None] | None = None,
+          on_checkpoint: Callable[[int, object, dict], None] | None = None,
+          d: parallel.Dist | None = None) -> TrainResult:
+    """Train `model` for cfg.steps optimizer steps; checkpoints go to out_dir/checkpoints, metrics to out_dir.
+
+    `on_log(record)` sees each logged record and `on_checkpoint(step, model, record)` each saved checkpoint with
+    the step's record (first process only): how a caller such as a fine-tuning job reports progress."""
     cfg.check()
     tune_allocator()
     d = d or parallel.init(cfg.device)
@@ -152,13 +157,18 @@ def train(model: torch.nn.Module, objective: Callable, batches: Batches, cfg: Tr
 
     def evaluate() -> dict:
         module.eval()
-        total = 0.0
+        total, extra = 0.0, {}
         with torch.no_grad(), autocast(precision, d.device):
             for b in val:
-                total += float(module(_to(b, d.device))[0])
+                loss, metrics = module(_to(b, d.device))
+                total += float(loss)
+                for k, v in (metrics or {}).items():   # the objective's own figures (token accuracy, ...)
+                    if k != "tokens" and isinstance(v, (int, float)):
+                        extra[k] = extra.get(k, 0.0) + float(v)
         module.train()
-        loss = parallel.all_mean([total / max(1, len(val))], d)[0]
-        return {f"val_{k}": v for k, v in lm_metrics(loss, bytes_per_token).items()}
+        loss, *means = parallel.all_mean([total / max(1, len(val))] + [v / max(1, len(val)) for v in extra.values()],
+                                         d)
+        return {f"val_{k}": v for k, v in {**lm_metrics(loss, bytes_per_token), **dict(zip(extra, means))}.items()}
 
     started = time.time()
     step = start_step
@@ -189,7 +199,8 @@ def train(model: torch.nn.Module, objective: Callable, batches: Batches, cfg: Tr
                 trainer.tokens_seen += tokens_per_step
                 step, tokens_seen = trainer.step, trainer.tokens_seen
                 last = step == cfg.steps
-                if step % cfg.log_every == 0 or last or step == start_step + 1:
+                saving = bool(cfg.save_every) and step % cfg.save_every == 0
+                if step % cfg.log_every == 0 or last or step == start_step + 1 or saving:
                     loss_avg, = parallel.all_mean([loss_step], d)
                     now = time.time()
                     tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
@@ -211,8 +222,11 @@ def train(model: torch.nn.Module, objective: Callable, batches: Batches, cfg: Tr
                         status(f"step {step}/{cfg.steps}  loss {loss_avg:.3f}"
                                + (f"  val_loss {record['val_loss']:.3f}" if "val_loss" in record else "")
                                + f"  {tps:,.0f} tok/s  MFU {record['mfu']:.1%}  eta {eta:.0f}s")
-                if (cfg.save_every and step % cfg.save_every == 0) or last:
+                if saving or last:
                     save()
+                    if on_checkpoint and d.main:
+                        on_checkpoint(step, model, history[-1] if history and history[-1]["step"] == step else
+                                      {"step": step, "loss": loss_step})
                 bar.update(task, completed=step)
         except KeyboardInterrupt:
             if step > start_step and not ckpt.step_dir(ckpt_root, step).exists():

@@ -16,6 +16,7 @@ IGNORE_INDEX = -100
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows, compute_dtype):
+        # returns (mean loss, fraction of targets that are the arg-max): the max pass finds both
         n = hidden.shape[0]
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
@@ -23,6 +24,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_rows):
             h = hidden[start:start + chunk_rows].to(compute_dtype)
             t = targets[start:start + chunk_rows]
@@ -31,7 +33,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             safe_t = torch.where(ok, t, 0)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
             # One exp pass serves both the loss (log-sum-exp) and its gradient (softmax), in place.
-            row_max = logits.amax(dim=-1, keepdim=True)
+            row_max, best = logits.max(dim=-1, keepdim=True)
+            correct += ((best.squeeze(1) == t) & ok).sum()
             probs = logits.sub_(row_max).exp_()
             sums = probs.sum(dim=-1, keepdim=True)
             lse = (row_max + sums.log()).squeeze(1)
@@ -49,10 +52,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight += (g.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        return total / count
+        accuracy = correct / count
+        ctx.mark_non_differentiable(accuracy)
+        return total / count, accuracy
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_accuracy):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_output if grad_hidden is not None else None
         gw = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
@@ -60,8 +65,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               chunk_rows: int = 1024) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX skipped), chunked over rows."""
+                               chunk_rows: int = 1024, accuracy: bool = False):
+    """Mean cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX skipped), chunked over rows;
+    with `accuracy`, (loss, the fraction of targets that are the most likely token)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     if torch.is_autocast_enabled(hidden.device.type):
@@ -69,4 +75,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     else:
         compute_dtype = hidden.dtype
     with torch.autocast(hidden.device.type, enabled=False):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype)
+        loss, acc = _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, compute_dtype)
+    return (loss, acc) if accuracy else loss
