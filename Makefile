@@ -28,4 +28,5 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/eval_throughput.py
 	$(VENV)/bin/python bench/lora_throughput.py
 	$(VENV)/bin/python bench/rag_latency.py
+	$(VENV)/bin/python bench/platform_job.py
 	$(VENV)/bin/python bench/serve_throughput.py

@@ -17,15 +17,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FmkitError
 from . import generation as G
+from . import moderation as M
 from . import protocol as P
 from .embed import embeddings
 from .keys import Keys
 from .metrics import BATCH_BUCKETS, Metrics
+from .policy import Policies
+from .policy import count as count_policy
 
 
-def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float = 0.0) -> FastAPI:
+def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float = 0.0, workspace=None,
+               max_jobs: int = 1, max_file: int = 512 << 20, policies: Policies | None = None,
+               moderator: M.Moderator | None = None) -> FastAPI:
+    from . import files, jobs
+    from .jobqueue import Platform
+
     metrics = Metrics()
+    moderator = moderator or M.Moderator()
+    policies = policies or Policies(moderator=moderator)
     state = {"ready": False}
+    platform = Platform(pool, workspace, max_jobs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -34,14 +45,16 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
                 await asyncio.sleep(1.0)
                 await asyncio.to_thread(pool.sweep)
         task = asyncio.create_task(sweep())
+        await asyncio.to_thread(platform.start)
         state["ready"] = True
         yield
         state["ready"] = False
         task.cancel()
+        await asyncio.to_thread(platform.close)   # workers checkpoint; their jobs wait for the next start
         await asyncio.to_thread(pool.close)   # after uvicorn has let in-flight requests finish
 
     app = FastAPI(title="fmkit serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.pool, app.state.metrics = pool, metrics
+    app.state.pool, app.state.metrics, app.state.platform = pool, metrics, platform
     _declare(metrics, pool)
 
     def observe(event: str, value, model: str) -> None:
@@ -70,12 +83,13 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
             await send(message)
         try:
             length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > max_body:
+            limit = max_file + (1 << 20) if path == "/v1/files" else max_body   # uploads: the file and its form
+            if length.isdigit() and int(length) > limit:
                 if int(length) <= 8 * max_body:   # read it away, so the client sees the answer, not a broken pipe
                     while (await receive()).get("more_body"):
                         pass
                 raise P.APIError(413, f"request body of {int(length)} bytes is over this server's limit of "
-                                      f"{max_body} bytes", None, "request_too_large")
+                                      f"{limit} bytes", None, "request_too_large")
             if path.startswith("/v1/") and keys.required:
                 key = keys.find(headers.get("authorization"))
                 if key is None:
@@ -122,9 +136,13 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
             raise P.APIError(400, "the request body must be a JSON object", None, "invalid_json")
         return body
 
-    async def model_of(body: dict, want: str):
+    platform.body_of = body_of
+
+    async def model_of(request: Request, body: dict, want: str):
         name = P.get(body, "model", (str,), P.REQUIRED)
         try:
+            if not platform.visible(name, *platform.tenant(request)):
+                raise KeyError(name)   # another tenant's fine-tuned model reads as if it did not exist
             keep = body.get("keep_alive")
             if keep is not None:
                 from .pool import parse_keep_alive
@@ -147,18 +165,19 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
 
     async def generate(request: Request, start_job, whole, stream):
         body = await body_of(request)
-        name, served = await model_of(body, "generate")
+        name, served = await model_of(request, body, "generate")
+        key = getattr(request.state, "key", None)
         try:
-            job, ctx = start_job(served, body)
+            job, ctx = start_job(served, body, policies.of(name, key))
             job.interval = stream_interval
         except BaseException:
             pool.done(served)
             raise
         metrics.inc("fmkit_prompt_tokens_total", ctx["prompt_tokens"], model=name)
-        key = getattr(request.state, "key", None)
 
         def finish():
             pool.done(served)
+            count_policy(metrics, name, ctx["screens"].values())
             if key is not None:
                 keys.spend(key, job.usage(ctx["prompt_tokens"])["total_tokens"])
 
@@ -189,7 +208,7 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
     @app.post("/v1/embeddings")
     async def embeddings_route(request: Request):
         body = await body_of(request)
-        name, served = await model_of(body, "embed")
+        name, served = await model_of(request, body, "embed")
         try:
             data, tokens = await asyncio.to_thread(embeddings, served, body)
         finally:
@@ -198,20 +217,63 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
         return {"object": "list", "data": data, "model": name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
+    @app.post("/v1/moderations")
+    async def moderations(request: Request):
+        body = await body_of(request)
+        result = await asyncio.to_thread(M.moderations, moderator, body, pool.compute.run)
+        for r in result["results"]:
+            for category in (c for c, flagged in r["categories"].items() if flagged):
+                metrics.inc("fmkit_moderation_flagged_total", category=category)
+        return result
+
     def card(name: str) -> dict:
         served = pool.loaded.get(name)
         return {"id": name, "object": "model", "created": pool.created(name), "owned_by": "fmkit",
                 **({"context_length": served.context, "system_fingerprint": served.fingerprint} if served else {})}
 
+    def listed(request: Request) -> list[str]:
+        return pool.names() + platform.models(*platform.tenant(request))
+
+    def known(request: Request, name: str) -> str:
+        if name not in listed(request):
+            raise P.APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+        return name
+
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [card(n) for n in pool.names()]}
+    async def models(request: Request):
+        return {"object": "list", "data": [card(n) for n in listed(request)]}
 
     @app.get("/v1/models/{name:path}")
-    async def model(name: str):
-        if name not in pool.names():
-            raise P.APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
-        return card(name)
+    async def model(request: Request, name: str):
+        return card(known(request, name))
+
+    def admin_only(request: Request) -> None:
+        if not platform.tenant(request)[1]:
+            raise P.APIError(403, "loading and unloading models needs an admin key", None, "permission_denied")
+
+    @app.post("/v1/models/{name:path}/load")
+    async def load_model(request: Request, name: str):
+        """An fmkit extension (admin keys): load a model now rather than on its first request."""
+        admin_only(request)
+        try:
+            served = await asyncio.to_thread(pool.get, known(request, name))
+        except FmkitError as e:
+            raise P.APIError(500, f"model {name} could not be loaded: {e}", "model", "model_load_failed",
+                             "server_error") from None
+        pool.done(served)
+        return {**card(name), "loaded": True}
+
+    @app.post("/v1/models/{name:path}/unload")
+    async def unload_model(request: Request, name: str):
+        """An fmkit extension (admin keys): unload a model now (409 while it is serving requests)."""
+        admin_only(request)
+        if not await asyncio.to_thread(pool.unload, known(request, name)):
+            raise P.APIError(409, f"model {name} is serving requests; unload it when they have finished", "model",
+                             "model_busy")
+        return {**card(name), "loaded": False}
+
+    files.add_routes(app, platform, max_file)
+    jobs.add_routes(app, platform)
 
     @app.get("/health")
     async def health():
@@ -243,6 +305,10 @@ def _declare(m: Metrics, pool) -> None:
     m.counter("fmkit_completion_tokens_total", "tokens generated, by model")
     m.counter("fmkit_model_loaded_total", "model loads, by model")
     m.counter("fmkit_model_unloaded_total", "model unloads (keep-alive ran out or memory was needed), by model")
+    m.counter("fmkit_pii_redactions_total", "PII redacted from outputs by the output policy, by model and type")
+    m.counter("fmkit_flagged_responses_total", "responses whose text the output policy found toxic, by model")
+    m.counter("fmkit_blocked_responses_total", "responses the output policy stopped (content_filter), by model")
+    m.counter("fmkit_moderation_flagged_total", "/v1/moderations inputs flagged, by category")
     m.histogram("fmkit_request_latency_seconds", "time from request to the last byte of the response's head")
     m.histogram("fmkit_time_to_first_token_seconds", "time from a sequence's arrival to its first token")
     m.histogram("fmkit_batch_size", "sequences advanced together per decoding step", BATCH_BUCKETS)

@@ -1,9 +1,12 @@
 """API keys: bearer tokens compared in constant time, each with optional per-minute limits.
 
 `--api-key KEY` serves one key without limits. `--api-keys FILE` reads one key per line, optionally followed by
-limits and a name: `sk-team-a rpm=60 tpm=20000 name=team-a` (blank lines and `#` comments are skipped). rpm
+limits, a name and `admin`: `sk-team-a rpm=60 tpm=20000 name=team-a` (blank lines and `#` comments are skipped).
+The name is the key's tenant: its files, jobs and fine-tuned models are its own (keys that share a name share
+them); an `admin` key sees every tenant's and may load and unload models. `--api-key` alone is an admin key. rpm
 counts requests and tpm tokens (prompt + completion) over the last 60 seconds; past either, requests get 429 with
-a Retry-After saying when the oldest of them leaves the window.
+a Retry-After saying when the oldest of them leaves the window. `policy=redact-pii,block-toxic` adds output policy
+actions (policy.py) to that key's responses.
 """
 from __future__ import annotations
 
@@ -15,20 +18,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FmkitError
+from .policy import parse_policy
 
 
 @dataclass
 class Key:
     secret: str
     name: str
+    admin: bool = False    # sees every tenant's files and jobs, and may load and unload models
     rpm: int = 0           # 0: no limit
     tpm: int = 0
+    policy: frozenset = frozenset()   # output policy actions for this key's responses, on top of the server's
     requests: deque = field(default_factory=deque)   # request times in the last minute
     tokens: deque = field(default_factory=deque)     # (time, tokens) in the last minute
 
 
 def read_keys(api_key: str | None, api_keys: str | None) -> list[Key]:
-    keys = [Key(api_key, "default")] if api_key else []
+    keys = [Key(api_key, "default", admin=True)] if api_key else []   # one key: its holder runs the server
     if api_keys:
         path = Path(api_keys).expanduser()
         try:
@@ -41,11 +47,19 @@ def read_keys(api_key: str | None, api_keys: str | None) -> list[Key]:
                 continue
             key = Key(words[0], f"key-{n}")
             for word in words[1:]:
+                if word == "admin":
+                    key.admin = True
+                    continue
                 field_, sep, value = word.partition("=")
-                if not sep or field_ not in ("rpm", "tpm", "name"):
-                    raise FmkitError(f"{path}:{n}: '{word}' is not rpm=N, tpm=N or name=NAME")
+                if not sep or field_ not in ("rpm", "tpm", "name", "policy"):
+                    raise FmkitError(f"{path}:{n}: '{word}' is not rpm=N, tpm=N, name=NAME, policy=ACTIONS or admin")
                 if field_ == "name":
                     key.name = value
+                elif field_ == "policy":
+                    try:
+                        key.policy = parse_policy(value)
+                    except ValueError as e:
+                        raise FmkitError(f"{path}:{n}: {e}") from None
                 elif not value.isdigit():
                     raise FmkitError(f"{path}:{n}: {field_} must be a whole number, got '{value}'")
                 else:

@@ -22,7 +22,8 @@ def build(models: list[str] | None = None, names: dict | None = None, models_dir
           api_key: str | None = None, api_keys: str | None = None, dtype: str = "auto", max_batch: int = 32,
           kv_cache_mb: int = 0, memory_mb: float = 0, keep_alive: str = "30m", max_queue: int = 256,
           max_body_mb: float = 8, stream_interval_ms: float = 50, trust_pickle: bool = False,
-          workspace: str | Path | None = None):
+          workspace: str | Path | None = None, max_jobs: int = 1, max_file_mb: float = 512,
+          output_policy: str = "", model_policy: dict | None = None, moderation_model: str | None = None):
     """The ASGI app with its pool (models are loaded on first use). What `serve` runs and tests start."""
     _need_packages()
     from ..models.reference import resolve
@@ -46,7 +47,7 @@ def build(models: list[str] | None = None, names: dict | None = None, models_dir
                          "NAME=REF or --models-dir DIR")
     if models_dir and not Path(models_dir).expanduser().is_dir():
         raise FmkitError(f"--models-dir {models_dir} is not a folder")
-    for value, flag in ((max_batch, "--max-batch"), (max_queue, "--max-queue")):
+    for value, flag in ((max_batch, "--max-batch"), (max_queue, "--max-queue"), (max_jobs, "--max-jobs")):
         if value < 1:
             raise FmkitError(f"{flag} must be at least 1, got {value}")
     try:
@@ -58,18 +59,28 @@ def build(models: list[str] | None = None, names: dict | None = None, models_dir
     # streams look for news at most once per interval, so the engines need not hand it over more often
     pool = Pool(refs, models_dir, dtype, max_batch, kv_cache_mb, memory_mb, alive, max_queue,
                 trust_pickle=trust_pickle, workspace=workspace, notify_every=stream_interval_ms / 1000)
+    from .moderation import Classifier, Moderator
+    from .policy import policies_of
+
+    moderator = Moderator(Classifier(moderation_model, workspace) if moderation_model else None)
+    policies = policies_of(output_policy, model_policy, moderator, None if models_dir else set(refs))
     return create_app(pool, Keys(read_keys(api_key, api_keys)), int(max_body_mb * (1 << 20)),
-                      stream_interval_ms / 1000)
+                      stream_interval_ms / 1000, workspace, max_jobs, int(max_file_mb * (1 << 20)),
+                      policies=policies, moderator=moderator)
 
 
 def serve(models: list[str] | None = None, names: dict | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, api_keys: str | None = None, models_dir: str | None = None,
           dtype: Literal["auto", "fp32", "bf16"] = "auto", max_batch: int = 32, kv_cache_mb: int = 0,
           memory_mb: float = 0, keep_alive: str = "30m", max_queue: int = 256, max_body_mb: float = 8,
-          stream_interval_ms: float = 50, trust_pickle: bool = False, workspace: str | Path | None = None) -> dict:
+          stream_interval_ms: float = 50, trust_pickle: bool = False, workspace: str | Path | None = None,
+          max_jobs: int = 1, max_file_mb: float = 512, output_policy: str = "", model_policy: dict | None = None,
+          moderation_model: str | None = None) -> dict:
     """Serve models over the OpenAI API (chat, completions, embeddings, streaming) with continuous batching.
 
-    Code written for OpenAI runs against it by changing base_url (`OpenAI(base_url="http://HOST:PORT/v1")`).
+    Code written for OpenAI runs against it by changing base_url (`OpenAI(base_url="http://HOST:PORT/v1")`),
+    including files and fine-tuning jobs: uploads and jobs are kept in the workspace's platform/ folder, jobs run in
+    worker processes and survive restarts, and a finished job's ft: model is servable at once.
     Each model is loaded on its first request and kept for --keep-alive after its last; the least recently used
     idle ones are unloaded when memory runs short. GET /v1/models lists what is served, /health says ready,
     /metrics is Prometheus text. Ctrl-C (or SIGTERM) finishes the requests in flight, then stops.
@@ -93,13 +104,23 @@ def serve(models: list[str] | None = None, names: dict | None = None, host: str 
         stream_interval_ms: Least time between two chunks of one stream; tokens that come faster are sent
             together (0: one chunk per token).
         trust_pickle: Allow pickle weights (loading them can run code).
-        workspace: Workspace folder where bare model names are looked up (default $FMKIT_WORKSPACE or
-            ./fmkit-workspace).
+        workspace: Workspace folder where bare model names are looked up, and uploads and fine-tuning jobs kept
+            (default $FMKIT_WORKSPACE or ./fmkit-workspace).
+        max_jobs: Fine-tuning jobs that train at once (each in its own process); the rest wait in the queue.
+        max_file_mb: Largest uploaded file in MiB (larger: 413).
+        output_policy: What every response's text gets, comma-separated: redact-pii (placeholders for emails,
+            phones, cards, keys, ...), flag-toxic (say so in content_filter_results), block-toxic (stop there,
+            finish_reason content_filter). Default: nothing.
+        model_policy: Output policy actions for one model's responses, NAME=ACTIONS (added to --output-policy and
+            a key's policy=).
+        moderation_model: Text classifier from fmkit classify whose labels are moderation categories; its
+            probabilities join the lexicon's in /v1/moderations.
     """
     import uvicorn
 
     app = build(models, names, models_dir, api_key, api_keys, dtype, max_batch, kv_cache_mb, memory_mb,
-                keep_alive, max_queue, max_body_mb, stream_interval_ms, trust_pickle, workspace)
+                keep_alive, max_queue, max_body_mb, stream_interval_ms, trust_pickle, workspace, max_jobs, max_file_mb,
+                output_policy=output_policy, model_policy=model_policy, moderation_model=moderation_model)
     served = app.state.pool.names()
     console.print(f"serving {', '.join(served) or 'the models in ' + str(models_dir)} on http://{host}:{port}/v1 "
          f"({'keys required' if api_key or api_keys else 'no API key'})")

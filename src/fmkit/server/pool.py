@@ -95,6 +95,7 @@ class Pool:
         self.lock = threading.Lock()
         self.loading: dict[str, threading.Lock] = {}
         self.compute = Compute()   # loads, steps and embeddings all run on its thread
+        self.lookup = None         # name -> folder for names made while serving (fine-tuned models), or None
         for name, spec in self.specs.items():
             self.ref(name) if spec != MINILM else None  # a bad reference fails at start, not at the first request
 
@@ -118,6 +119,8 @@ class Pool:
         spec = self.specs.get(name)
         if spec is None and self.models_dir and name and "/" not in name and (self.models_dir / name).is_dir():
             spec = str(self.models_dir / name)
+        if spec is None and self.lookup is not None:
+            spec = self.lookup(name)
         if spec is None:
             raise KeyError(name)
         if spec == MINILM:
@@ -128,7 +131,7 @@ class Pool:
 
     def get(self, name: str, keep_alive=None) -> Served:
         """The loaded model (loading it first); KeyError for a name that is not served. Call `done` after."""
-        if name not in self.loaded and name not in self.names():
+        if name not in self.loaded and name not in self.names() and not (self.lookup and self.lookup(name)):
             raise KeyError(name)
         with self.lock:
             gate = self.loading.setdefault(name, threading.Lock())
@@ -170,6 +173,17 @@ class Pool:
                 if self._idle(s) and now - s.last_used >= s.keep_alive:
                     gone.append(self._unload(name))
         return gone
+
+    def unload(self, name: str) -> bool:
+        """Unload a model now if it is idle; False while it serves requests (True if it was not loaded)."""
+        with self.lock:
+            served = self.loaded.get(name)
+            if served is None:
+                return True
+            if not self._idle(served):
+                return False
+            self._unload(name)
+            return True
 
     def close(self) -> None:
         for s in list(self.loaded.values()):
