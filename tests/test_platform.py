@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -32,7 +33,7 @@ def root(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("platform")
     save_fmkit_llama(tokenizer_dir, root / "tiny", 128)
     (root / "keys.txt").write_text(KEYS)
-    (root / "support_conversations.jsonl").write_text(conversations(12))
+    (root / "support_conversations.jsonl").write_text(conversations(11))
     return root
 
 
@@ -76,6 +77,10 @@ def test_the_acceptance_program_runs_and_the_fine_tuned_model_answers(server, ro
         {"role": "user", "content": "Summarize the key risks of foundation models."}], max_tokens=8)
     assert response.choices[0].message.content is not None
     started = time.time()
+    long = {"messages": [{"role": "user", "content": "tell me everything " * 100},
+                         {"role": "assistant", "content": "ok"}]}
+    with open(root / "support_conversations.jsonl", "a") as f:   # one over the context: truncated, and said so
+        f.write(json.dumps(long) + "\n")
     training_file = client_.files.create(file=open(root / "support_conversations.jsonl", "rb"),
                                          purpose="fine-tuning")
     fine_tune_job = client_.fine_tuning.jobs.create(training_file=training_file.id, model="gpt-4o-mini",
@@ -105,6 +110,7 @@ def test_the_acceptance_program_runs_and_the_fine_tuned_model_answers(server, ro
     assert not {e.id for e in later.data} & {e.id for e in events.data}
     every = list(client_.fine_tuning.jobs.list_events(job.id, limit=100))
     assert every[0].message == "The job has successfully completed"
+    assert any(e.level == "warn" and "1 truncated to the context" in e.message for e in every)
     metrics = [e for e in every if e.type == "metrics"]
     assert metrics and {"step", "train_loss", "total_steps", "train_mean_token_accuracy"} <= set(metrics[0].data)
 
@@ -116,6 +122,8 @@ def test_the_acceptance_program_runs_and_the_fine_tuned_model_answers(server, ro
     out = client_.chat.completions.create(model=first.fine_tuned_model_checkpoint, max_tokens=4,
                                           messages=[{"role": "user", "content": "hi"}])
     assert out.model == first.fine_tuned_model_checkpoint
+    scrape = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics").read().decode()
+    assert 'fmkit_fine_tuning_jobs{status="succeeded"}' in scrape
 
 
 def test_files_endpoints(server, root):
@@ -212,6 +220,15 @@ def test_tenants_see_only_their_own(server, root):
         bob.post("/models/gpt-4o-mini/unload", cast_to=object)
     assert ops.post("/models/gpt-4o-mini/unload", cast_to=object)["loaded"] is False
     assert ops.post("/models/gpt-4o-mini/load", cast_to=object)["loaded"] is True
+    # deleting a fine-tuned model: its owner's to do; a served base model cannot be
+    with pytest.raises(openai.NotFoundError):
+        bob.models.delete(done.fine_tuned_model)
+    with pytest.raises(openai.PermissionDeniedError):
+        alice.models.delete("gpt-4o-mini")
+    assert alice.models.delete(done.fine_tuned_model).deleted
+    assert done.fine_tuned_model not in [m.id for m in alice.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        alice.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])
 
 
 def long_job(c, root, epochs=50, name="long.jsonl", examples=8, batch=1):

@@ -55,7 +55,7 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
 
     app = FastAPI(title="fmkit serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.pool, app.state.metrics, app.state.platform = pool, metrics, platform
-    _declare(metrics, pool)
+    _declare(metrics, pool, platform)
 
     def observe(event: str, value, model: str) -> None:
         if event == "batch":
@@ -247,6 +247,17 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
     async def model(request: Request, name: str):
         return card(known(request, name))
 
+    @app.delete("/v1/models/{name:path}")
+    async def delete_model(request: Request, name: str):
+        """OpenAI's delete for fine-tuned models: this tenant's ft: models and checkpoints (403 for the others)."""
+        if not name.startswith("ft:"):
+            known(request, name)
+            raise P.APIError(403, f"{name} is not a fine-tuned model; only ft: models can be deleted", "model",
+                             "permission_denied")
+        if not await asyncio.to_thread(platform.delete_model, name, *platform.tenant(request)):
+            raise P.APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+        return {"id": name, "object": "model", "deleted": True}
+
     def admin_only(request: Request) -> None:
         if not platform.tenant(request)[1]:
             raise P.APIError(403, "loading and unloading models needs an admin key", None, "permission_denied")
@@ -298,7 +309,7 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
     return app
 
 
-def _declare(m: Metrics, pool) -> None:
+def _declare(m: Metrics, pool, platform) -> None:
     m.counter("fmkit_requests_total", "HTTP requests by endpoint and status code")
     m.counter("fmkit_errors_total", "error responses by error code")
     m.counter("fmkit_prompt_tokens_total", "prompt tokens received, by model")
@@ -318,3 +329,4 @@ def _declare(m: Metrics, pool) -> None:
             lambda: {(("model", n),): len(s.engine.prefilling) + len(s.engine.decoding)
                      for n, s in list(pool.loaded.items()) if s.engine})
     m.gauge("fmkit_loaded_models", "models loaded now", lambda: len(pool.loaded))
+    m.gauge("fmkit_fine_tuning_jobs", "fine-tuning jobs by status", platform.counts)

@@ -325,6 +325,27 @@ class Platform:
         found = self.store.model_path(name)
         return found is None or admin or found[1] == owner
 
+    def delete_model(self, name: str, owner: str, admin: bool) -> bool:
+        """Delete a fine-tuned model or checkpoint of this tenant: unloaded, its weights removed, its name no
+        longer served. False when there is no such model this tenant may see."""
+        import shutil
+
+        found = self.store.model_path(name) if (self.root / "platform.db").is_file() else None
+        if found is None or not (admin or found[1] == owner):
+            return False
+        self.store.db.execute("INSERT OR IGNORE INTO deleted VALUES (?, ?)", (name, int(time.time())))
+        while not self.pool.unload(name):   # requests still being served finish first
+            time.sleep(0.1)
+        shutil.rmtree(found[0], ignore_errors=True)
+        return True
+
+    def counts(self) -> dict:
+        """Jobs by status, for /metrics (nothing before the first upload)."""
+        if not (self.root / "platform.db").is_file():
+            return {}
+        rows = self.store.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {(("status", s),): n for s, n in rows}
+
     def models(self, owner: str, admin: bool) -> list[str]:
         if not (self.root / "platform.db").is_file():
             return []

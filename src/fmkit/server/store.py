@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS checkpoints (
     id TEXT PRIMARY KEY, job TEXT NOT NULL, created_at INTEGER NOT NULL, step INTEGER NOT NULL,
     metrics TEXT NOT NULL, model TEXT NOT NULL UNIQUE, path TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deleted (model TEXT PRIMARY KEY, deleted_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS events_job ON events (job, n);
 """
 
@@ -140,7 +141,9 @@ class Store:
                                                        statuses).fetchall()]
 
     def model_path(self, name: str) -> tuple[str, str] | None:
-        """(folder, owner) of a fine-tuned model or checkpoint by its name, or None."""
+        """(folder, owner) of a fine-tuned model or checkpoint by its name, or None (also once deleted)."""
+        if self.db.execute("SELECT 1 FROM deleted WHERE model = ?", (name,)).fetchone():
+            return None
         row = self.db.execute("SELECT id, owner FROM jobs WHERE fine_tuned_model = ? AND status = 'succeeded'",
                               (name,)).fetchone()
         if row is not None:
@@ -157,4 +160,5 @@ class Store:
                                args).fetchall()
         ckpts = self.db.execute(f"SELECT c.model FROM checkpoints c JOIN jobs j ON c.job = j.id WHERE 1 = 1{mine} "
                                 "ORDER BY c.rowid", args).fetchall()
-        return [r[0] for r in done] + [r[0] for r in ckpts]
+        gone = {r[0] for r in self.db.execute("SELECT model FROM deleted").fetchall()}
+        return [r[0] for r in done + ckpts if r[0] not in gone]

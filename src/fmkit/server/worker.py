@@ -147,6 +147,12 @@ def run(store: Store, job: dict, workspace: str | None) -> None:
         elif store.update("jobs", job_id, ("running",), status="queued", estimated_finish=None):
             store.event(job_id, f"The worker was stopped at step {step}; the job continues from there", "warn")
         return
+    from ..workspace import read_manifest
+
+    counts = read_manifest(out).get("data_counts") or {}
+    if counts:   # examples cut or left out to fit the context: said, not silent
+        store.event(job_id, "Examples fitted to the model's context: " + ", ".join(
+            f"{n} {what}" for what, n in counts.items()), "warn")
     name = model_name(job)
     results = add_file(store, job["owner"], f"{job_id}-results.csv", "fine-tune-results",
                        results_csv(store, job_id))
