@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 .PHONY: setup test test-slow bench quickstart
 
 $(STAMP): pyproject.toml constraints-cpu.txt
+	@# Debian's chromium for the browser tests of HTML reports (apt-get, as root; a browser that downloads itself
+	@# at install time cannot run here)
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } || true
+	@command -v chromium >/dev/null || echo "chromium is not installed: the browser tests will fail (apt-get install chromium)"
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e ".[dev]"
 	touch $(STAMP)

@@ -287,22 +287,22 @@ def test_a_job_survives_a_server_restart_and_a_killed_worker(root):
     with start(root, "ws-restart") as url:
         c = client(url)
         # one step an epoch, so a checkpoint every step
-        job = long_job(c, root, epochs=30, name="restart.jsonl", examples=4, batch=4)
+        job = long_job(c, root, epochs=50, name="restart.jsonl", examples=4, batch=4)
         wait_for(lambda: len(c.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2)
     # the server stopped: its worker checkpointed, and the job waits in the queue
     with start(root, "ws-restart") as url:
         c = client(url)
         assert c.fine_tuning.jobs.retrieve(job.id).status in ("queued", "running")
-        wait_for(lambda: c.fine_tuning.jobs.retrieve(job.id).status == "running")
-        pid = bg_pid(root, job.id)
-        wait_for(lambda: any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(job.id, limit=3)))
-        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: any(e.message.startswith("Checkpoint created") for e in
+                             c.fine_tuning.jobs.list_events(job.id, limit=1)) and any(
+            e.message.startswith("Fine-tuning job resumed") for e in c.fine_tuning.jobs.list_events(job.id, limit=20)))
+        os.kill(bg_pid(root, job.id), signal.SIGKILL)   # the new worker, mid-training
         done = wait(c, job.id)
         assert done.status == "succeeded", done.error
         messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=200)]
         assert any("was killed by signal SIGKILL" in m for m in messages)
         assert any(m.startswith("Fine-tuning job resumed from step") for m in messages)
-        assert sorted(cp.step_number for cp in c.fine_tuning.jobs.checkpoints.list(job.id, limit=100))[-1] == 30
+        assert sorted(cp.step_number for cp in c.fine_tuning.jobs.checkpoints.list(job.id, limit=100))[-1] == 50
 
 
 def bg_pid(root, job_id) -> int:

@@ -154,7 +154,7 @@ class Queue:
                              "moving job to queued state")
 
     def _start(self, job: dict) -> None:
-        if not self.store.update("jobs", job["id"], ("queued",), status="running", want=None):
+        if not self.store.update("jobs", job["id"], ("queued",), status="running", want=None, pid=None):
             return
         folder = self.store.jobs_dir / job["id"]
         folder.mkdir(exist_ok=True)
