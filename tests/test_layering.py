@@ -7,7 +7,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fmkit"
 LAYERS = [
-    {"errors", "progress", "runtime", "config", "workspace", "plots", "verbs"},
+    {"errors", "progress", "runtime", "config", "workspace", "plots", "verbs", "sandbox"},
     {"models"},
     {"providers"},
     {"data"},

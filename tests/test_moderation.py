@@ -75,9 +75,11 @@ RAW, INSULT = "".join(SAYS), "".join(RUDE)
 REDACTED = "Write to <EMAIL>, call <PHONE> or pay with <CREDIT_CARD>!"
 
 
-def scripted_llama(tokenizer_dir, folder, says: list[str], triggered: dict[str, list[str]]):
+def scripted_llama(tokenizer_dir, folder, says: list[str], triggered: dict[str, list[str]], positions: int = 256,
+                   chat_template: str | None = None):
     """A Llama whose layers add nothing, so the last token alone picks the next (each piece is a token of its
-    own): after any prompt it says the pieces `says`, after a prompt ending in a trigger its `triggered` pieces."""
+    own): after any prompt it says the pieces `says`, after a prompt ending in a trigger its `triggered` pieces.
+    `chat_template` is saved with its tokenizer, for local chat."""
     from tokenizers import AddedToken
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -89,7 +91,7 @@ def scripted_llama(tokenizer_dir, folder, says: list[str], triggered: dict[str, 
     tok = load_tokenizer(tokenizer_dir)
     tok.add_tokens([AddedToken(p, normalized=False) for p in pieces])
     net = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                       intermediate_size=64, vocab_size=len(tok), max_position_embeddings=256,
+                                       intermediate_size=64, vocab_size=len(tok), max_position_embeddings=positions,
                                        tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
                                        pad_token_id=tok.pad_token_id))
     dims = iter(range(63))   # one embedding direction per scripted token; 63: every other token
@@ -118,6 +120,7 @@ def scripted_llama(tokenizer_dir, folder, says: list[str], triggered: dict[str, 
             emb[tok.convert_tokens_to_ids(trigger), dim] = 1.0
             chain(dim, seq)
     net.save_pretrained(folder)
+    tok.chat_template = chat_template or tok.chat_template
     tok.save_pretrained(folder)
     write_manifest(folder, {"kind": "model"})
     return folder

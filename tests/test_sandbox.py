@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from fmkit.evals import sandbox
-from fmkit.evals.sandbox import Limits, check_program, enforced, run_code, run_many
+from fmkit import sandbox
+from fmkit.sandbox import Limits, check_program, enforced, run_code, run_many
 
 FAST = Limits(timeout=3, cpu_seconds=2, memory_mb=256, file_mb=1, processes=1, output_kb=8)
 LOOP = Limits(timeout=2, cpu_seconds=10, memory_mb=256, file_mb=1, processes=1, output_kb=8)   # wall clock first

@@ -18,6 +18,7 @@ GEN_METRICS = ("exact_match",)
 CODE_METRICS = ("pass@k",)
 PPL_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 JUDGE_METRICS = ("rating", "win_rate", "tie_rate", "loss_rate")
+REDTEAM_METRICS = ("attack_success_rate", "refusal_rate")
 
 
 def mc_scores(lls: list[float], choices: list[str], gold: int, tokens: list[int], greedy: list[bool],
@@ -69,6 +70,18 @@ def mean_stderr(values) -> tuple[float, float]:
         return float("nan"), float("nan")
     se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
     return float(v.mean()), se
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for k successes in n (95% by default): unlike mean +- 1.96 se it stays inside [0, 1]
+    and is not empty at 0/n or n/n, which is where attack success rates often are."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # at 0/n and n/n the bound is exactly 0 or 1, which floating point misses by an ulp
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
 def bootstrap_stderr(fn, data: list, iters: int = 1000, seed: int = 0) -> float:

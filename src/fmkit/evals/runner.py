@@ -15,7 +15,8 @@ from ..progress import status
 from ..providers import GenRequest, Model, get_model
 from ..workspace import Workspace, write_manifest
 from . import metrics as M
-from .tasks import Renderer, Task, load_items, load_task
+from . import redteam
+from .tasks import Renderer, Task, load_items, load_tasks
 
 CODE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]   # HumanEval's stop sequences
 
@@ -110,7 +111,7 @@ def _gen(model: Model, task: Task, r: Renderer, items, pool) -> list[dict]:
 def _code(model: Model, task: Task, r: Renderer, items) -> list[dict]:
     from jinja2 import Environment, StrictUndefined
 
-    from .sandbox import Limits, run_many
+    from ..sandbox import Limits, run_many
 
     c = {"samples": 1, "k": [1], "temperature": None, "until": CODE_STOPS, "max_tokens": 384, "timeout": 10.0,
          "program": "{{prompt}}{{completion}}\n\n{{test}}\n\ncheck({{entry_point}})\n", **task.code}
@@ -212,6 +213,8 @@ def _toxicity(task: Task, rows: list[dict], extra: dict) -> None:
 
 
 def _aggregate(task: Task, rows: list[dict]) -> dict:
+    if task.type == "redteam":
+        return redteam.aggregate(rows)
     if task.type == "perplexity":
         out = {}
         for k, v in M.perplexities(rows).items():
@@ -241,7 +244,7 @@ def evaluate(model: str | Path | Model, tasks: list[str], out: str | Path | None
     Args:
         model: Model reference: a model or adapter folder, a model name in the workspace, hf:ORG/NAME, openai:NAME
             or anthropic:NAME.
-        tasks: Task YAML files or built-in task names (stdlib_docstring_to_name, humaneval).
+        tasks: Task YAML files, suites or built-in names (stdlib_docstring_to_name, humaneval, redteam, ...).
         out: Run folder (default <workspace>/evals/MODEL-TIME).
         limit: Evaluate the first N items of each task (0: all).
         num_fewshot: Override each task's few-shot count.
@@ -259,7 +262,7 @@ def evaluate(model: str | Path | Model, tasks: list[str], out: str | Path | None
     if limit < 0:
         raise FmkitError(f"limit must be 0 (all items) or a positive number of items, got {limit}")
     tasks = [tasks] if isinstance(tasks, (str, Path)) else tasks   # fmkit.evaluate(model, "task") names one task
-    loaded = [load_task(t) for t in tasks]   # check every task before loading the model
+    loaded = load_tasks(tasks)   # check every task before loading the model
     if not loaded:
         raise FmkitError("name at least one task: a YAML file or a built-in name such as stdlib_docstring_to_name")
     if isinstance(model, Model):
@@ -293,11 +296,13 @@ def evaluate(model: str | Path | Model, tasks: list[str], out: str | Path | None
                 "generate_until": lambda: _gen(m, task, r, items, pool),
                 "code": lambda: _code(m, task, r, items),
                 "perplexity": lambda: _ppl(m, task, r, items),
-                "judge": lambda: _judge(m, task, r, items, judge)}[task.type]()
+                "judge": lambda: _judge(m, task, r, items, judge),
+                "redteam": lambda: redteam.run(m, task, items)}[task.type]()
         extra = _perturbed(m, task, items, pool, batch_size, rows)
         _toxicity(task, rows, extra)
         seconds = time.time() - t0
         ids = [str(it.get(task.doc_to_id, n)) if task.doc_to_id else str(n) for n, it in enumerate(items)]
+        ids = [row["_id"] for row in rows] if rows and "_id" in rows[0] else ids   # red-team items expand
         if checker is not None:
             for row, item in zip(rows, items):
                 gold = row.get("choices", [None])[row["target"]] if task.type == "multiple_choice" else row["target"]
@@ -311,7 +316,7 @@ def evaluate(model: str | Path | Model, tasks: list[str], out: str | Path | None
         unparsable = sum(1 for row in rows if row.get("unparsable"))
         if task.type == "judge":
             res["unparsable_dropped"] = unparsable
-        if checker is None and contamination and hasattr(m, "folder") and task.type != "code":
+        if checker is None and contamination and hasattr(m, "folder") and task.type not in ("code", "redteam"):
             from ..providers.local import token_logprobs
             from .contamination import min_k_prob
 

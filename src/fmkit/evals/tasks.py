@@ -14,7 +14,11 @@ metrics: [acc, acc_norm]
 Generate-until tasks add `generation: {until: [...], max_tokens: N}`, `filters` (regex with `group`, `select:
 first|last`, `strip`, `lowercase`) and `exact_match: {ignore_case, ignore_punctuation, regexes_to_ignore}`; code
 tasks add `code: {program: "{{prompt}}{{completion}}\n{{test}}\ncheck({{entry_point}})", k: [1], samples: 1}`;
-perplexity tasks name the text field with `doc_to_text`.
+perplexity tasks name the text field with `doc_to_text`; red-team tasks (`type: redteam`) add `redteam: {vars,
+templates, success, category, refusals}` (redteam.py, docs/redteam.md).
+
+A suite is a YAML file holding only `suite: [task, ...]` (names or paths, relative to the suite's folder first);
+`load_tasks` expands it, e.g. the built-in `redteam` into its five probe tasks.
 """
 from __future__ import annotations
 
@@ -29,10 +33,10 @@ import yaml
 
 from ..config import unknown_key
 from ..errors import FmkitError
-from .metrics import CODE_METRICS, GEN_METRICS, JUDGE_METRICS, MC_METRICS, PPL_METRICS
+from .metrics import CODE_METRICS, GEN_METRICS, JUDGE_METRICS, MC_METRICS, PPL_METRICS, REDTEAM_METRICS
 
 TYPES = {"multiple_choice": MC_METRICS, "generate_until": GEN_METRICS, "code": CODE_METRICS,
-         "perplexity": PPL_METRICS, "judge": JUDGE_METRICS}
+         "perplexity": PPL_METRICS, "judge": JUDGE_METRICS, "redteam": REDTEAM_METRICS}
 BUILTIN = Path(__file__).parent / "tasks"
 
 
@@ -59,6 +63,7 @@ class Task:
     judge: dict = field(default_factory=dict)   # {model: SPEC, mode: single|pairwise, baseline: FIELD, base_url}
     robustness: list = field(default_factory=list)  # perturbations: lowercase, contractions, typos, extra_spaces
     fairness: list = field(default_factory=list)    # counterfactual swaps: names, pronouns
+    redteam: dict = field(default_factory=dict)     # probes: {vars, templates, success, category, refusals}
     chat: bool = False                     # send prompts as chat messages (chat models, chat templates)
     scoring: str = "loglikelihood"         # multiple choice: loglikelihood | generate (for chat-only APIs)
     limit: int = 0                         # evaluate the first N items only
@@ -77,20 +82,63 @@ def _env():
     return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
-def load_task(path: str | Path) -> Task:
-    """Read and check a task YAML; errors name the file and the field. A bare name finds a built-in task."""
+def _find(path: str | Path, near: Path | None = None) -> Path:
+    """A task or suite file: a path (relative to `near` first, for a suite's entries) or a built-in task's name."""
     p = Path(path)
-    if not p.suffix and not p.exists() and (BUILTIN / f"{p}.yaml").is_file():
-        p = BUILTIN / f"{p}.yaml"
+    if near is not None and not p.is_absolute() and (near / p).is_file():
+        return near / p
+    if not p.suffix and not p.exists():
+        for folder in ([near] if near is not None else []) + [BUILTIN]:
+            if (folder / f"{p}.yaml").is_file():
+                return folder / f"{p}.yaml"
     if not p.is_file():
         known = ", ".join(sorted(x.stem for x in BUILTIN.glob("*.yaml")))
         raise FmkitError(f"task file {p} not found (built-in tasks: {known})")
+    return p
+
+
+def _read(p: Path) -> dict:
     try:
         doc = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise FmkitError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(doc, dict):
         raise FmkitError(f"{p} must be a mapping of task fields, got {type(doc).__name__}")
+    return doc
+
+
+def load_tasks(specs: list[str | Path]) -> list[Task]:
+    """Tasks from task files, built-in names and suites (expanded in order); a task named twice runs once."""
+    out, seen = [], set()
+
+    def add(spec, near: Path | None, chain: tuple) -> None:
+        p = _find(spec, near)
+        key = p.resolve()
+        if key in chain:
+            raise FmkitError(f"{p}: the suite includes itself (through {' -> '.join(x.name for x in chain)})")
+        doc = _read(p)
+        if "suite" not in doc:
+            if key not in seen:
+                seen.add(key)
+                out.append(load_task(p))
+            return
+        entries = doc["suite"]
+        if set(doc) != {"suite"} or not isinstance(entries, list) or not entries:
+            raise FmkitError(f"{p}: a suite holds only `suite: [task, ...]`, a non-empty list of task names or files")
+        for entry in entries:
+            add(str(entry), p.parent, chain + (key,))
+
+    for spec in specs:
+        add(spec, None, ())
+    return out
+
+
+def load_task(path: str | Path) -> Task:
+    """Read and check a task YAML; errors name the file and the field. A bare name finds a built-in task."""
+    p = _find(path)
+    doc = _read(p)
+    if "suite" in doc:
+        raise FmkitError(f"{p} is a suite of tasks, not one task: load it with load_tasks (fmkit eval takes both)")
     fields = {f for f in Task.__dataclass_fields__ if f != "source"}
     for k in doc:
         if k not in fields:
@@ -103,7 +151,7 @@ def load_task(path: str | Path) -> Task:
         task.metrics = {"multiple_choice": ["acc", "acc_norm"], "generate_until": ["exact_match"],
                         "code": ["pass@k"], "perplexity": list(PPL_METRICS),
                         "judge": ["rating"] if task.judge.get("mode", "single") == "single"
-                        else ["win_rate", "tie_rate", "loss_rate"]}[task.type]
+                        else ["win_rate", "tie_rate", "loss_rate"], "redteam": list(REDTEAM_METRICS)}[task.type]
     for m in task.metrics:
         if m not in TYPES[task.type]:
             raise FmkitError(f"{p}: metric '{m}' is not available for {task.type} tasks "
@@ -117,6 +165,10 @@ def load_task(path: str | Path) -> Task:
         raise FmkitError(f"{p}: judge.mode must be single or pairwise")
     if task.scoring not in ("loglikelihood", "generate"):
         raise FmkitError(f"{p}: scoring must be loglikelihood or generate, got '{task.scoring}'")
+    if task.type == "redteam":
+        from .redteam import check_config
+
+        check_config(task)
     for key in ("doc_to_text", "description"):
         try:
             _env().from_string(getattr(task, key))

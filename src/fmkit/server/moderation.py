@@ -1,8 +1,9 @@
 """/v1/moderations: OpenAI's categories scored by a lexicon, by a classifier where one is configured, and PII.
 
-The lexicon (moderation_terms.txt, next to this module) is a deterministic floor, not a trained classifier: a
-few weighted patterns per category that catch plain, explicit cases and leave look-alikes alone (`kill the
-process`, `shoot a photo`, `the history of the bomb`), and miss anything subtler. What each category covers:
+The lexicon (data/lexicon.py, shared with the red-team probes) is a deterministic floor, not a trained
+classifier: a few weighted patterns per category that catch plain, explicit cases and leave look-alikes alone
+(`kill the process`, `shoot a photo`, `the history of the bomb`), and miss anything subtler. What each category
+covers:
 
 - harassment: insults and demeaning language aimed at a person; harassment/threatening: threats against one.
 - hate: dehumanising or hateful language about a group; hate/threatening: calls for violence against a group.
@@ -20,48 +21,17 @@ taken where it is higher than the lexicon's.
 """
 from __future__ import annotations
 
-import re
 import uuid
 from collections import Counter
-from importlib import resources
 from types import SimpleNamespace
 
+from ..data.lexicon import CATEGORIES, THRESHOLD, Lexicon, raised
 from ..data.pii import PLACEHOLDERS, PIIRedact
 from ..errors import FmkitError
 from . import protocol as P
 
-CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
-              "self-harm", "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence",
-              "violence/graphic")
-PARENTS = {"harassment/threatening": ("harassment", "violence"), "hate/threatening": ("hate", "violence"),
-           "illicit/violent": ("illicit",), "self-harm/intent": ("self-harm",),
-           "self-harm/instructions": ("self-harm",), "sexual/minors": ("sexual",), "violence/graphic": ("violence",)}
-THRESHOLD = 0.5
 MAX_INPUTS = 2048
-_SECTION = re.compile(r"^\[([a-z/-]+)\]$")
 _PII = PIIRedact()
-
-
-def read_lexicon(text: str) -> dict[str, list[tuple[float, re.Pattern]]]:
-    """{category: [(weight, pattern), ...]} from the lexicon's `[category]` / `WEIGHT REGEX` lines."""
-    lexicon: dict = {c: [] for c in CATEGORIES}
-    category = None
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        head = _SECTION.match(line)
-        if head:
-            category = head.group(1)
-            if category not in lexicon:
-                raise FmkitError(f"moderation lexicon line {n}: [{category}] is not one of {', '.join(CATEGORIES)}")
-            continue
-        weight, _, pattern = line.partition(" ")
-        try:
-            lexicon[category].append((float(weight), re.compile(pattern.strip())))
-        except (KeyError, ValueError, re.error) as e:
-            raise FmkitError(f"moderation lexicon line {n}: not WEIGHT REGEX under a [category] ({e})") from None
-    return lexicon
 
 
 def redact(text: str, counts: Counter | None = None) -> str:
@@ -113,35 +83,23 @@ class Moderator:
     """Scores texts: the lexicon, then the classifier's probabilities where they are higher, then PII."""
 
     def __init__(self, classifier: Classifier | None = None, lexicon: str | None = None):
-        text = lexicon if lexicon is not None else \
-            (resources.files("fmkit") / "server" / "moderation_terms.txt").read_text(encoding="utf-8")
-        self.lexicon = read_lexicon(text)
+        self.lexicon = Lexicon(lexicon)
         self.classifier = classifier
         self.name = "fmkit-lexicon" + (f"+{classifier.name}" if classifier else "")
 
-    def lexicon_scores(self, text: str) -> dict[str, float]:
-        low = text.lower().replace("\u2019", "'")
-        scores = {}
-        for category, entries in self.lexicon.items():
-            keep = 1.0
-            for weight, pattern in entries:
-                keep *= (1 - weight) ** sum(1 for _ in pattern.finditer(low))
-            scores[category] = 1 - keep
-        return scores
-
     def flags(self, text: str) -> set[str]:
         """The categories the lexicon alone flags in `text` (what the output policy checks as it streams)."""
-        return {c for c, s in _raised(self.lexicon_scores(text)).items() if s >= THRESHOLD}
+        return self.lexicon.flags(text)
 
     def moderate(self, texts: list[str], run=lambda fn, *a: fn(*a)) -> list[dict]:
         """One OpenAI moderation result per text; `run` runs the classifier (on the server's compute thread)."""
         learned = run(self.classifier.probabilities, texts) if self.classifier else [{} for _ in texts]
         results = []
         for text, probs in zip(texts, learned):
-            scores = self.lexicon_scores(text)
+            scores = self.lexicon.scores(text)
             for category, p in probs.items():
                 scores[category] = max(scores[category], p)
-            scores = {c: round(s, 6) for c, s in _raised(scores).items()}
+            scores = {c: round(s, 6) for c, s in raised(scores).items()}
             found: Counter = Counter()
             redact(text, found)
             flags = {c: s >= THRESHOLD for c, s in scores.items()}
@@ -153,14 +111,6 @@ class Moderator:
                 "pii": {t: found[t] for t in PLACEHOLDERS if found[t]},
             })
         return results
-
-
-def _raised(scores: dict[str, float]) -> dict[str, float]:
-    out = dict(scores)
-    for child, parents in PARENTS.items():
-        for parent in parents:
-            out[parent] = max(out[parent], scores[child])
-    return out
 
 
 def texts_of(body: dict) -> list[str]:

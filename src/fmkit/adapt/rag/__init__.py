@@ -29,7 +29,7 @@ import numpy as np
 from ...errors import FmkitError
 from . import documents, retrieve, store
 from .encoder import BUILTIN, Encoder, load_encoder
-__all__ = ["index", "ask", "Encoder", "BUILTIN"]
+__all__ = ["index", "ask", "answer_prompt", "Encoder", "BUILTIN"]
 
 
 def index(docs: str | Path, index_dir: str | Path, chunk_tokens: int = 256, overlap: int = 32,
@@ -135,7 +135,8 @@ def index(docs: str | Path, index_dir: str | Path, chunk_tokens: int = 256, over
     return {"index": str(index_dir), **stats}
 
 
-def _prompt(question: str, chunks: list[dict]) -> str:
+def answer_prompt(question: str, chunks: list[dict]) -> str:
+    """The prompt a model answers from: the chunks numbered [rank] with source and title, then the question."""
     sources = "\n\n".join(f"[{c['rank']}] {c['source']} ({c['title']})\n{c['text']}" for c in chunks)
     return ("Answer the question using only the numbered sources below. Cite the source of each statement as [n] "
             "right after it. If the sources do not contain the answer, say so.\n\n"
@@ -233,7 +234,7 @@ def ask(index_dir: str | Path, question: str, k: int = 5, filters: dict | None =
     if model is None:
         answer = f"{chunks[0]['text']} [1]"
     else:
-        prompt = _prompt(question, chunks)
+        prompt = answer_prompt(question, chunks)
         answer = model(prompt) if callable(model) else _writer(model, workspace, max_new_tokens)(prompt)
     cited = _citations(answer)
     return {"question": question, "answer": answer, "chunks": chunks, "prompt": prompt,
