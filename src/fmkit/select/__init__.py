@@ -1,0 +1,1 @@
+"""Choosing among models: compare candidates on the same items with paired statistics, pick one under constraints."""
