@@ -6,11 +6,13 @@ STAMP := $(VENV)/.installed
 .PHONY: setup test test-slow bench quickstart
 
 $(STAMP): pyproject.toml constraints-cpu.txt
-	@# Debian's chromium for the browser tests of HTML reports (apt-get, as root; a browser that downloads itself
-	@# at install time cannot run here)
-	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || apt-get install -y -q chromium >/dev/null 2>&1 || \
-		{ apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } || true
+	@# Debian's chromium and its driver for the browser tests of HTML reports and the arena page (apt-get, as root;
+	@# a browser that downloads itself at install time cannot run here)
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || [ "$$(id -u)" != 0 ] || \
+		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } || true
 	@command -v chromium >/dev/null || echo "chromium is not installed: the browser tests will fail (apt-get install chromium)"
+	@command -v chromedriver >/dev/null || echo "chromedriver is not installed: the arena's browser test will fail (apt-get install chromium-driver)"
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -c constraints-cpu.txt -e ".[dev]"
 	touch $(STAMP)
@@ -35,3 +37,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/rag_latency.py
 	$(VENV)/bin/python bench/platform_job.py
 	$(VENV)/bin/python bench/serve_throughput.py
+	$(VENV)/bin/python bench/monitor_power.py

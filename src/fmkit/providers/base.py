@@ -7,6 +7,7 @@ Asking for one it lacks fails with one sentence that suggests what to do instead
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import FmkitError
@@ -75,6 +76,11 @@ class Model:
 
     def embed(self, texts: list[str]):
         raise self.unsupported("embed")
+
+    def stream(self, request: GenRequest) -> Iterator[str]:
+        """The reply to one request in pieces as they are made (chat for messages, generate for text); a backend
+        that cannot stream yields the whole reply once."""
+        yield (self.chat if isinstance(request.prompt, list) else self.generate)([request])[0]
 
     def describe(self) -> dict:
         """What identifies this model in results (and its lineage, when known)."""

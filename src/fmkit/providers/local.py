@@ -14,7 +14,10 @@ batched, so padding is small.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -202,12 +205,16 @@ class LocalModel(Model):
         return torch.cat(out).numpy()
 
     # ---- generation ------------------------------------------------------------------------------------------
-    def generate(self, requests: list[GenRequest]) -> list[str]:
+    def _generator(self):
         from ..models.generate import Generator
 
         if self._gen is None:
             self._gen = Generator.from_model(self.model, self.tok, dtype="bf16" if self.model.dtype == torch.bfloat16
                                              else "fp32")
+        return self._gen
+
+    def generate(self, requests: list[GenRequest]) -> list[str]:
+        self._generator()
         out: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
@@ -232,12 +239,37 @@ class LocalModel(Model):
         return prompt if len(ids) <= room else self.tok.decode(ids[-room:])
 
     def chat(self, requests: list[GenRequest]) -> list[str]:
+        return self.generate([self._templated(r) for r in requests])
+
+    def _templated(self, r: GenRequest) -> GenRequest:
+        """A chat request as the text prompt the model's chat template makes of it."""
         if not getattr(self.tok, "chat_template", None):
             raise FmkitError(f"{self.ref.spec} has no chat template in its tokenizer config; evaluate with "
                              "`chat: false` (plain prompts), or fine-tune with SFT, which saves one")
-        plain = [GenRequest(self.tok.apply_chat_template(r.prompt, tokenize=False, add_generation_prompt=True),
-                            r.until, r.max_tokens, r.temperature, r.seed) for r in requests]
-        return self.generate(plain)
+        return GenRequest(self.tok.apply_chat_template(r.prompt, tokenize=False, add_generation_prompt=True),
+                          r.until, r.max_tokens, r.temperature, r.seed)
+
+    def stream(self, request: GenRequest) -> Iterator[str]:
+        """The reply in pieces as its tokens come. The Generator hands them to a callback, so generation runs in a
+        thread of its own and the pieces cross over through a queue."""
+        if isinstance(request.prompt, list):
+            request = self._templated(request)
+        prompt = self._fit(request.prompt, self.max_length - request.max_tokens)
+        gen, pieces = self._generator(), queue.Queue()
+
+        def run():
+            try:
+                gen([prompt], max_new_tokens=request.max_tokens, temperature=request.temperature,
+                    stop=list(request.until), seed=request.seed, on_text=lambda _row, text: pieces.put(text))
+                pieces.put(None)
+            except BaseException as e:   # raised again where the pieces are read
+                pieces.put(e)
+
+        threading.Thread(target=run, daemon=True).start()
+        while (piece := pieces.get()) is not None:
+            if isinstance(piece, BaseException):
+                raise piece
+            yield piece
 
 
 def bits_per_byte(loglikelihood: float, n_bytes: int) -> float:

@@ -6,6 +6,8 @@ logprobs (the prompt's own token log-probabilities; servers that cannot echo the
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 
 from ..errors import FmkitError
 from .base import GenRequest
@@ -72,6 +74,31 @@ class OpenAIModel(RemoteModel):
             return cut_at_stop(resp.choices[0].text, r.until), (u.prompt_tokens if u else 0), \
                 (u.completion_tokens if u else 0)
         return self._map("generate", requests, one, lambda r: r.temperature == 0)
+
+    def stream(self, request: GenRequest) -> Iterator[str]:
+        """The reply in pieces as the server sends them (chat for messages, completions for text); retried like
+        any request until the first piece, counted in usage when the server reports it."""
+        chat = isinstance(request.prompt, list)
+        create = self.client.chat.completions.create if chat else self.client.completions.create
+        text = {"messages": request.prompt} if chat else {"prompt": request.prompt}
+        t = time.perf_counter()
+        try:
+            chunks = self._call(create, model=self.model_name, max_tokens=request.max_tokens, stream=True,
+                                temperature=request.temperature, seed=request.seed, **text,
+                                stream_options={"include_usage": True},
+                                **({"stop": request.until[:4]} if request.until else {}))
+            usage = None
+            for chunk in chunks:
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    piece = (choice.delta.content if chat else choice.text) or ""
+                    if piece:
+                        yield piece
+        except self._openai.APIError as e:
+            raise self._fail("chat" if chat else "generate", e) from None
+        with self._lock:
+            self.usage.add(usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0, self.price)
+            self.usage.seconds += time.perf_counter() - t
 
     def embed(self, texts: list[str]):
         import numpy as np
