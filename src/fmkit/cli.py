@@ -172,6 +172,8 @@ def command(verb: Verb) -> click.Command:
             click.echo(json.dumps(result, indent=2, default=_jsonable, ensure_ascii=False))
         else:
             show(verb, result, kw)
+        if isinstance(result, dict) and result.get("exit_code"):   # a verb that reports by status (monitor run)
+            ctx.exit(result["exit_code"])
 
     settings = {"ignore_unknown_options": True, "allow_extra_args": True} if verb.overrides else {}
     return click.Command(verb.name.split()[-1], callback=run, params=params, help=text, context_settings=settings,
@@ -330,6 +332,8 @@ SHOW = {
     "pretrain": _saved("model"),
     "finetune": _artifact,
     "dpo": _artifact,
+    "reward": _artifact,
+    "rl": _artifact,
     "classify train": _saved("classifier"),
     "classify predict": _predicted,
     "merge": _saved("merged model"),
@@ -339,7 +343,16 @@ SHOW = {
     "eval report": lambda r, kw: _echo(f"report: {r}"),
     "generate": _generated,
     "registry": _registry,
+    "monitor run": lambda r, kw: _show_from("fmkit.select.monitor", "show_run")(r, kw),
+    "monitor report": lambda r, kw: _show_from("fmkit.select.monitor", "show_report")(r, kw),
 }
+
+
+def _show_from(module: str, name: str):
+    """A verb's own show function, imported when it is needed (the CLI starts without the stages)."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 def show(verb: Verb, result, kw) -> None:
