@@ -46,6 +46,8 @@ VERBS = (
     Verb("pretrain", "fmkit.train.pretrain:pretrain", overrides="overrides"),
     Verb("finetune", "fmkit.adapt.finetune:finetune", flags={"target_modules": ["--target"]}),
     Verb("dpo", "fmkit.adapt.dpo:dpo"),
+    Verb("reward", "fmkit.adapt.reward:reward"),
+    Verb("rl", "fmkit.adapt.rl:rl"),
     Verb("classify train", "fmkit.adapt.classify:train_classifier", py="classify", default=True),
     Verb("classify predict", "fmkit.adapt.classify:predict"),
     Verb("merge", "fmkit.adapt.finetune:merge"),
@@ -53,9 +55,17 @@ VERBS = (
     Verb("rag ask", "fmkit.adapt.rag:ask", py="rag_ask", flags={"filters": ["--filter"]}),
     Verb("eval run", "fmkit.evals.runner:evaluate", default=True),
     Verb("eval report", "fmkit.evals.report:eval_report"),
+    Verb("compare", "fmkit.select.compare:compare"),
+    Verb("arena serve", "fmkit.select.arena:arena", default=True),
+    Verb("arena ratings", "fmkit.select.arena:arena_ratings"),
+    Verb("arena judge", "fmkit.select.arena:arena_judge"),
+    Verb("arena export", "fmkit.select.arena:arena_export"),
     Verb("generate", "fmkit.models.generate:generate", flags={"prompts": ["--prompt", "-p"]}, unescape=("stop",)),
     Verb("chat", "fmkit.conversation:chat"),
     Verb("serve", "fmkit.server.launch:serve", positional=("models",), flags={"names": ["--name"]}),
+    Verb("monitor init", "fmkit.select.monitor:monitor_init"),
+    Verb("monitor run", "fmkit.select.monitor:monitor_run"),
+    Verb("monitor report", "fmkit.select.monitor:monitor_report"),
     Verb("registry", "fmkit.workspace:registry"),
 )
 
@@ -65,6 +75,8 @@ GROUPS = {
     "classify": "Train a classification head on an encoder, or predict labels with one.",
     "rag": "Retrieval-augmented generation over local documents: index them, then ask.",
     "eval": "Evaluate a model on tasks, or report on an eval run.",
+    "arena": "People vote between two anonymous models' answers: the page, ratings, a judge, preference export.",
+    "monitor": "Watch a model for changes: fix canaries, run them from cron, alert when the model differs.",
 }
 
 
