@@ -95,7 +95,8 @@ def rl_run(root: Path, model: Path, steps: int, kl_max: float) -> None:
 
     started = time.time()
     out = fmkit.rl(model, "contains: the", root / "prompts.jsonl", root / "policy",
-                   val_data=root / "prompts-held.jsonl", group=8, batch_size=4, max_new_tokens=8, steps=steps, lr=1e-2, beta=0.01, kl_max=kl_max,
+                   val_data=root / "prompts-held.jsonl", group=8, batch_size=4, max_new_tokens=8, steps=steps,
+                   lr=1e-2, beta=0.01, kl_max=kl_max,
                    eval_samples=8, template="none", workspace=root, save_every=4, log_every=1,
                    on_log=lambda r: train_log.__setitem__(r["step"], r), on_checkpoint=on_checkpoint)
     seconds = time.time() - started
