@@ -3,8 +3,6 @@ reward model trained on them that beats chance on held-out pairs from the same e
 import json
 import random
 
-import torch
-
 from conftest import save_fmkit_llama
 from fmkit.select.stats import sign_test
 
@@ -18,7 +16,7 @@ def answer(rng, polite: bool) -> str:
     return " ".join(words)
 
 
-def test_a_reward_model_learns_the_arena_votes(tmp_path, tokenizer_dir):
+def test_a_reward_model_learns_the_arena_votes(tmp_path, tokenizer_dir, one_thread):
     from fmkit.adapt.reward import reward, score
     from fmkit.select.arena import arena_export
     from fmkit.select.arena_store import ArenaStore
@@ -40,17 +38,12 @@ def test_a_reward_model_learns_the_arena_votes(tmp_path, tokenizer_dir):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:110]))
     held = rows[110:]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # a model this small runs faster on one thread than on two shared ones
-    try:
-        llama = save_fmkit_llama(tokenizer_dir, tmp_path / "base", 128)
-        rm = reward(llama, tmp_path / "train.jsonl", tmp_path / "rm", steps=30, batch_size=8, lr=1e-3,
-                    workspace=tmp_path / "ws", holdout=0)
-        prompts = [r["prompt"] for r in held]
-        chosen, rejected = score(rm, prompts, [r["chosen"] for r in held]), \
-            score(rm, prompts, [r["rejected"] for r in held])
-    finally:
-        torch.set_num_threads(threads)
+    llama = save_fmkit_llama(tokenizer_dir, tmp_path / "base", 128)
+    rm = reward(llama, tmp_path / "train.jsonl", tmp_path / "rm", steps=30, batch_size=8, lr=1e-3,
+                workspace=tmp_path / "ws", holdout=0)
+    prompts = [r["prompt"] for r in held]
+    chosen = score(rm, prompts, [r["chosen"] for r in held])
+    rejected = score(rm, prompts, [r["rejected"] for r in held])
     right = [float(c > r) for c, r in zip(chosen, rejected)]
     assert sum(right) / len(right) > 0.75   # the voters themselves agree with "polite" 90% of the time
     assert sign_test(int(sum(right)), len(right) - int(sum(right)))["p_value"] < 0.01   # against a coin

@@ -22,20 +22,7 @@ def preferences(n: int, seed: int) -> list[dict]:
     return rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run faster on one thread than on two that other processes keep preempting (a tiny
-    matrix product measured 0.16 ms on one thread against 3.7 ms on two on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory, tokenizer_dir):
-    from conftest import save_fmkit_llama
-
-    return save_fmkit_llama(tokenizer_dir, tmp_path_factory.mktemp("llama") / "model", 128)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest
 
 
 @pytest.fixture(scope="module")
