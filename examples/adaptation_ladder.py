@@ -9,6 +9,10 @@ compared with zero-shot by an exact McNemar test on the same items.
 
 The quickstart model (1.3M parameters) is too small for the rungs to separate; examples/ladder_model.yaml trains
 a larger one on the same data (~25 minutes on 2 cores) for the table in the README.
+
+`fmkit adapt auto` is this ladder as a verb (any task, nearest-example few-shot, continued pre-training, a target
+and a budget, each rung tested against the best so far); this script stays to reproduce the table in
+docs/adapt.md, which reports both accuracies against zero-shot.
 """
 from __future__ import annotations
 

@@ -51,6 +51,7 @@ VERBS = (
     Verb("classify train", "fmkit.adapt.classify:train_classifier", py="classify", default=True),
     Verb("classify predict", "fmkit.adapt.classify:predict"),
     Verb("merge", "fmkit.adapt.finetune:merge"),
+    Verb("adapt auto", "fmkit.select.ladder:adapt_auto"),
     Verb("rag index", "fmkit.adapt.rag:index", py="rag_index", flags={"metadata": ["--meta"]}),
     Verb("rag ask", "fmkit.adapt.rag:ask", py="rag_ask", flags={"filters": ["--filter"]}),
     Verb("eval run", "fmkit.evals.runner:evaluate", default=True),
@@ -66,6 +67,9 @@ VERBS = (
     Verb("monitor init", "fmkit.select.monitor:monitor_init"),
     Verb("monitor run", "fmkit.select.monitor:monitor_run"),
     Verb("monitor report", "fmkit.select.monitor:monitor_report"),
+    Verb("scale plan", "fmkit.scale.plan:scale_plan", flags={"time_budget": ["--time"], "sizes": ["--sizes"]}),
+    Verb("scale run", "fmkit.scale.run:scale_run"),
+    Verb("scale fit", "fmkit.scale.report:scale_fit", flags={"budgets": ["--budget"]}),
     Verb("registry", "fmkit.workspace:registry"),
 )
 
@@ -73,10 +77,12 @@ GROUPS = {
     "curate": "Curate raw sources into a dataset, summarise one, or index its n-grams for contamination checks.",
     "tokenizer": "Train byte-level BPE tokenizers.",
     "classify": "Train a classification head on an encoder, or predict labels with one.",
+    "adapt": "Adapt a base model to a task: climb the ladder from prompting to fine-tuning, stopping at a target.",
     "rag": "Retrieval-augmented generation over local documents: index them, then ask.",
     "eval": "Evaluate a model on tasks, or report on an eval run.",
     "arena": "People vote between two anonymous models' answers: the page, ratings, a judge, preference export.",
     "monitor": "Watch a model for changes: fix canaries, run them from cron, alert when the model differs.",
+    "scale": "Scaling laws: plan a ladder of pre-training runs, run it, fit L(N, D) and the compute-optimal size.",
 }
 
 
