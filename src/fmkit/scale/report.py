@@ -42,15 +42,7 @@ def plot_compute(points: list[dict], result: dict, out: Path) -> Path:
     for o in result["optimum"]:
         ax.errorbar([o["compute"]], [o["loss"]], yerr=[[o["loss"] - o["loss_interval"][0]],
                     [o["loss_interval"][1] - o["loss"]]], fmt="r*", ms=10, label=f"prediction at {o['compute']:.2g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("training compute C = 6ND (FLOPs)")
-    ax.set_ylabel("final loss (nats/token)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, "training compute C = 6ND (FLOPs)", out)
 
 
 def plot_size(points: list[dict], result: dict, out: Path) -> Path:
@@ -67,8 +59,13 @@ def plot_size(points: list[dict], result: dict, out: Path) -> Path:
         ax.plot(ns, law.loss(ns, d), color=col, label=f"fit at D = {d:.2g} tokens")
         near = [p for p in final if np.argmin(np.abs(np.log(ds) - np.log(p["D"]))) == list(ds).index(d)]
         ax.scatter([p["N"] for p in near], [p["loss"] for p in near], color=col, zorder=3)
+    return _finish(plt, fig, ax, "parameters N", out)
+
+
+def _finish(plt, fig, ax, xlabel: str, out: Path) -> Path:
+    """Log x axis, labels, grid and legend, saved to `out`: what both plots end with."""
     ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("final loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
