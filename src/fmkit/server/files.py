@@ -28,6 +28,12 @@ def file_object(row: dict) -> dict:
             "expires_at": None}
 
 
+def cursor_page(data: list[dict], more: bool) -> dict:
+    """OpenAI's list envelope for cursor pagination: the next page starts `after` last_id."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+
 def looks_like_pairs(path: Path) -> bool:
     """Whether a JSONL file holds preference pairs (DPO) rather than chat examples, by its first object line."""
     with open(path, "rb") as f:
@@ -115,13 +121,10 @@ def add_routes(app, platform, max_file: int) -> None:
         owner, admin = platform.tenant(request)
         if order not in ("asc", "desc"):
             raise P.invalid(f"order must be asc or desc, got '{order}'", "order")
-        if not 1 <= limit <= 10000:
-            raise P.invalid(f"limit must be between 1 and 10000, got {limit}", "limit")
+        P.within(limit, "limit", 1, 10000)
         rows, more = platform.store.page("files", None if admin else owner, after, limit, order == "asc",
                                          {"purpose": ALIASES.get(purpose, purpose)} if purpose else None)
-        data = [file_object(r) for r in rows]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": more}
+        return cursor_page([file_object(r) for r in rows], more)
 
     @app.get("/v1/files/{file_id}")
     async def retrieve_file(request: Request, file_id: str):

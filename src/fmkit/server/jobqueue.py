@@ -10,6 +10,7 @@ and waits for any worker of the last server still finishing its checkpoint first
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import math
 import os
@@ -41,11 +42,11 @@ class Orphan:
             return "gone"
 
     def kill(self):
-        with _quiet():
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
 
     def send_signal(self, sig):
-        with _quiet():
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
 
     def wait(self, timeout=None):
@@ -54,14 +55,6 @@ class Orphan:
             if time.monotonic() > end:
                 raise subprocess.TimeoutExpired("worker", timeout)
             time.sleep(0.1)
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, *_):
-        return kind is ProcessLookupError
 
 
 def last_step(store: Store, job_id: str) -> int:
@@ -280,6 +273,11 @@ class Platform:
         pool.lookup = self.lookup
 
     @property
+    def exists(self) -> bool:
+        """Whether anything was ever uploaded here (before that, nothing is written and nothing is looked up)."""
+        return (self.root / "platform.db").is_file()
+
+    @property
     def store(self) -> Store:
         with self.lock:
             if self._store is None:
@@ -297,7 +295,7 @@ class Platform:
 
     def start(self) -> None:
         """At server start: pick up the jobs a previous server left (only where there is a platform already)."""
-        if (self.root / "platform.db").is_file():
+        if self.exists:
             self.queue.wake()
 
     def close(self) -> None:
@@ -313,14 +311,14 @@ class Platform:
     # ---- fine-tuned models ------------------------------------------------------------------------------------
     def lookup(self, name: str) -> str | None:
         """The folder of a fine-tuned model or checkpoint by its ft: name (for the pool)."""
-        if not name.startswith("ft:") or not (self.root / "platform.db").is_file():
+        if not name.startswith("ft:") or not self.exists:
             return None
         found = self.store.model_path(name)
         return found[0] if found else None
 
     def visible(self, name: str, owner: str, admin: bool) -> bool:
         """Whether this tenant may use the model `name`: any served model, and its own fine-tuned ones."""
-        if not name.startswith("ft:") or not (self.root / "platform.db").is_file():
+        if not name.startswith("ft:") or not self.exists:
             return True
         found = self.store.model_path(name)
         return found is None or admin or found[1] == owner
@@ -330,7 +328,7 @@ class Platform:
         longer served. False when there is no such model this tenant may see."""
         import shutil
 
-        found = self.store.model_path(name) if (self.root / "platform.db").is_file() else None
+        found = self.store.model_path(name) if self.exists else None
         if found is None or not (admin or found[1] == owner):
             return False
         self.store.db.execute("INSERT OR IGNORE INTO deleted VALUES (?, ?)", (name, int(time.time())))
@@ -341,13 +339,13 @@ class Platform:
 
     def counts(self) -> dict:
         """Jobs by status, for /metrics (nothing before the first upload)."""
-        if not (self.root / "platform.db").is_file():
+        if not self.exists:
             return {}
         rows = self.store.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {(("status", s),): n for s, n in rows}
 
     def models(self, owner: str, admin: bool) -> list[str]:
-        if not (self.root / "platform.db").is_file():
+        if not self.exists:
             return []
         return self.store.models(None if admin else owner)
 

@@ -14,13 +14,14 @@ import time
 from fastapi import Request
 
 from . import protocol as P
+from .files import cursor_page
+from .jobqueue import UNFINISHED
 from .store import new_id
 
 JOB_FIELDS = {"model", "training_file", "validation_file", "suffix", "seed", "metadata", "method", "hyperparameters",
               "integrations", "lora"}
 LIMITS = {"n_epochs": (int, 1, 50), "batch_size": (int, 1, 256), "learning_rate_multiplier": (float, 1e-6, 100.0),
           "beta": (float, 1e-6, 10.0)}
-FINISHED = ("succeeded", "failed", "cancelled")
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -136,8 +137,7 @@ def add_routes(app, platform) -> None:
     @app.get("/v1/fine_tuning/jobs")
     async def list_jobs(request: Request, after: str | None = None, limit: int = 20):
         owner, admin = platform.tenant(request)
-        if not 1 <= limit <= 100:
-            raise P.invalid(f"limit must be between 1 and 100, got {limit}", "limit")
+        P.within(limit, "limit", 1, 100)
         where = {}
         for k, v in request.query_params.multi_items():   # the SDK sends metadata[KEY]=VALUE
             if k.startswith("metadata[") and k.endswith("]"):
@@ -152,38 +152,33 @@ def add_routes(app, platform) -> None:
     async def retrieve_job(request: Request, job_id: str):
         return job_object(job_of(request, job_id))
 
+    async def move(request: Request, job_id: str, action: str, allowed: tuple, which: str, done: str) -> dict:
+        """Ask the queue to `action` (cancel, pause, resume) the job if its status is one of `allowed`; the job as
+        it is after."""
+        row = job_of(request, job_id)
+        if row["status"] not in allowed:
+            raise P.invalid(f"job {job_id} is {row['status']}; only {which} jobs can be {done}",
+                            "fine_tuning_job_id", "invalid_job_state")
+        await asyncio.to_thread(getattr(platform.queue, action), job_id)
+        return job_object(platform.store.get("jobs", job_id))
+
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     async def cancel_job(request: Request, job_id: str):
-        row = job_of(request, job_id)
-        if row["status"] in FINISHED:
-            raise P.invalid(f"job {job_id} has already {row['status']}; only unfinished jobs can be cancelled",
-                            "fine_tuning_job_id", "invalid_job_state")
-        await asyncio.to_thread(platform.queue.cancel, job_id)
-        return job_object(platform.store.get("jobs", job_id))
+        return await move(request, job_id, "cancel", UNFINISHED, "unfinished", "cancelled")
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/pause")
     async def pause_job(request: Request, job_id: str):
-        row = job_of(request, job_id)
-        if row["status"] not in ("validating_files", "queued", "running"):
-            raise P.invalid(f"job {job_id} is {row['status']}; only queued or running jobs can be paused",
-                            "fine_tuning_job_id", "invalid_job_state")
-        await asyncio.to_thread(platform.queue.pause, job_id)
-        return job_object(platform.store.get("jobs", job_id))
+        return await move(request, job_id, "pause", ("validating_files", "queued", "running"),
+                          "queued or running", "paused")
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/resume")
     async def resume_job(request: Request, job_id: str):
-        row = job_of(request, job_id)
-        if row["status"] != "paused":
-            raise P.invalid(f"job {job_id} is {row['status']}; only paused jobs can be resumed",
-                            "fine_tuning_job_id", "invalid_job_state")
-        platform.queue.resume(job_id)
-        return job_object(platform.store.get("jobs", job_id))
+        return await move(request, job_id, "resume", ("paused",), "paused", "resumed")
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
     async def job_events(request: Request, job_id: str, after: str | None = None, limit: int = 20):
         job_of(request, job_id)
-        if not 1 <= limit <= 1000:
-            raise P.invalid(f"limit must be between 1 and 1000, got {limit}", "limit")
+        P.within(limit, "limit", 1, 1000)
         rows, more = platform.store.page("events", None, after, limit, where={"job": job_id})
         return {"object": "list", "has_more": more, "data": [
             {"id": r["id"], "object": "fine_tuning.job.event", "created_at": r["created_at"], "level": r["level"],
@@ -192,11 +187,8 @@ def add_routes(app, platform) -> None:
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
     async def job_checkpoints(request: Request, job_id: str, after: str | None = None, limit: int = 10):
         job_of(request, job_id)
-        if not 1 <= limit <= 100:
-            raise P.invalid(f"limit must be between 1 and 100, got {limit}", "limit")
+        P.within(limit, "limit", 1, 100)
         rows, more = platform.store.page("checkpoints", None, after, limit, where={"job": job_id})
-        data = [{"id": r["id"], "object": "fine_tuning.job.checkpoint", "created_at": r["created_at"],
-                 "fine_tuned_model_checkpoint": r["model"], "fine_tuning_job_id": job_id, "metrics": r["metrics"],
-                 "step_number": r["step"]} for r in rows]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": more}
+        return cursor_page([{"id": r["id"], "object": "fine_tuning.job.checkpoint", "created_at": r["created_at"],
+                             "fine_tuned_model_checkpoint": r["model"], "fine_tuning_job_id": job_id,
+                             "metrics": r["metrics"], "step_number": r["step"]} for r in rows], more)

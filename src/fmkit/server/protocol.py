@@ -61,6 +61,11 @@ def get(body: dict, name: str, kinds: tuple, default=None, lo=None, hi=None):
     if not ok:
         raise invalid(f"'{name}' must be {_kind(kinds)}, got {type(value).__name__}: {str(value)[:60]!r}", name,
                       "invalid_type")
+    return within(value, name, lo, hi)
+
+
+def within(value, name: str, lo=None, hi=None):
+    """`value` if it lies in [lo, hi] (either may be None), else a 400 naming the field and the range."""
     if lo is not None and value < lo or hi is not None and value > hi:
         bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else \
             f"at least {lo}" if lo is not None else f"at most {hi}"

@@ -39,6 +39,11 @@ CREATE INDEX IF NOT EXISTS events_job ON events (job, n);
 JSON_COLUMNS = {"method", "metadata", "error", "result_files", "plan", "metrics", "data"}
 
 
+def _encode(values: dict) -> dict:
+    """Column values as SQLite stores them: the JSON columns as text."""
+    return {k: json.dumps(v) if k in JSON_COLUMNS and v is not None else v for k, v in values.items()}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -76,7 +81,7 @@ class Store:
         return out
 
     def insert(self, table: str, **values) -> dict:
-        values = {k: json.dumps(v) if k in JSON_COLUMNS and v is not None else v for k, v in values.items()}
+        values = _encode(values)
         self.db.execute(f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
                         tuple(values.values()))
         return self.get(table, values["id"])
@@ -84,7 +89,7 @@ class Store:
     def update(self, table: str, id_: str, where_status: tuple = (), **values) -> bool:
         """Set fields of one row; with `where_status`, only while its status is one of them (so a cancel and a
         finishing worker cannot both win). True if the row changed."""
-        values = {k: json.dumps(v) if k in JSON_COLUMNS and v is not None else v for k, v in values.items()}
+        values = _encode(values)
         sql = f"UPDATE {table} SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?"
         args = (*values.values(), id_)
         if where_status:
