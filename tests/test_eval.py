@@ -56,6 +56,12 @@ def test_shared_context_scoring_equals_plain_forward(lm_dir, lm):
     assert [round(a[0], 4) for a in got] == [round(b[0], 4) for b in one]
 
 
+def test_a_continuation_longer_than_the_context_window_is_named_not_misindexed(lm):
+    with pytest.raises(FmkitError, match=f"does not fit the model's context of {lm.max_length}"):
+        lm.loglikelihood_tokens([([1, 2], [5] * (lm.max_length + 1))])
+    assert len(lm.loglikelihood_tokens([([1, 2], [5] * lm.max_length)])) == 1   # the longest that fits
+
+
 def mc_task(tmp_path, items, **extra):
     data = tmp_path / "items.jsonl"
     data.write_text("\n".join(json.dumps(i) for i in items) + "\n")

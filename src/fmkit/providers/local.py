@@ -101,6 +101,9 @@ class LocalModel(Model):
         out: list = [None] * len(pairs)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (ctx, cont) in enumerate(pairs):
+            if len(cont) > self.max_length:   # its first tokens would have no position to be predicted from
+                raise FmkitError(f"a continuation of {len(cont)} tokens does not fit the model's context of "
+                                 f"{self.max_length} tokens")
             fits = len(ctx) + len(cont) <= self.max_length + 1
             key = tuple(ctx) if (self.share_context and fits) else ("single", i)
             groups[key].append(i)
