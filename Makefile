@@ -38,3 +38,5 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/platform_job.py
 	$(VENV)/bin/python bench/serve_throughput.py
 	$(VENV)/bin/python bench/monitor_power.py
+	test -f fmkit-workspace/shards/stdlib-train/index.json || $(VENV)/bin/fmkit quickstart
+	$(VENV)/bin/python bench/scale_prediction.py --emergence

@@ -1,5 +1,7 @@
 """Scaling laws: approach-3 fits recover known coefficients within their intervals, the published Chinchilla
-coefficients' optimum, plans sized from a budget, a plan's runs trained through the loop with locks and resume."""
+coefficients' optimum, plans sized from a budget, a plan's runs trained through the loop with locks and resume, a
+prediction beyond the ladder trained and compared, and eval scores against compute marked where they leave chance."""
+import math
 import json
 import os
 from pathlib import Path
@@ -9,7 +11,9 @@ import pytest
 import yaml
 
 from fmkit.errors import FmkitError
-from fmkit.scale.fit import CHINCHILLA, EPOCH_REFIT, Law, fit, fit_law, lbfgs
+from fmkit.scale.check import scale_check
+from fmkit.scale.emergence import binomial_above, emergence, scale_emergence
+from fmkit.scale.fit import CHINCHILLA, EPOCH_REFIT, Law, effective_tokens, fit, fit_law, lbfgs
 from fmkit.scale.plan import parse_duration, scale_plan
 from fmkit.scale.report import scale_fit
 from fmkit.scale.run import scale_run
@@ -59,6 +63,21 @@ def test_synthetic_coefficients_are_recovered_within_their_intervals():
 def test_noiseless_losses_give_the_coefficients_exactly():
     law = fit_law(*zip(*[(p["N"], p["D"], p["loss"]) for p in synthetic(TRUE, noise=0)]))["law"]
     assert all(abs(getattr(law, k) / v - 1) < 1e-3 for k, v in vars(TRUE).items())
+
+
+def test_repeated_tokens_count_as_muennighoffs_effective_data():
+    u = 1e6
+    assert effective_tokens(5e5, u) == 5e5 and effective_tokens(u, u) == u and effective_tokens(9e6, None) == 9e6
+    assert effective_tokens(u * 1.001, u) == pytest.approx(u * 1.001, rel=1e-6)   # a second pass starts at full worth
+    assert effective_tokens(1e12, u) == pytest.approx(u * (1 + 15.39))             # and saturates at U (1 + R*)
+    # losses made from effective tokens, on data of 3e8 tokens that the larger runs pass over up to 30 times
+    points = [dict(p, unique=3e8, loss=float(TRUE.loss(p["N"], effective_tokens(p["D"], 3e8))))
+              for p in synthetic(TRUE, noise=0)]
+    assert max(p["D"] for p in points) / 3e8 > 30
+    exact = Law(**fit(points, bootstrap=0)["law"])
+    assert all(abs(getattr(exact, k) / v - 1) < 1e-3 for k, v in vars(TRUE).items())
+    naive = Law(**fit(points, bootstrap=0, repeats=False)["law"])
+    assert abs(naive.beta / TRUE.beta - 1) > 0.05   # raw D misreads the flattening as a smaller beta
 
 
 def test_an_irreducible_loss_beyond_the_grid_is_flagged():
@@ -148,3 +167,71 @@ def test_scale_run_trains_skips_finished_and_held_runs_and_the_fit_reads_them(ti
     assert (folder / "loss_vs_compute.png").stat().st_size and (folder / "loss_vs_n.png").stat().st_size
     with pytest.raises(FmkitError, match="not a plan folder"):
         scale_fit([str(tiny_plan / "nowhere")])
+
+
+def test_the_check_run_is_refused_before_the_ladder_finishes_then_predicted_trained_and_compared(tiny_plan,
+                                                                                                   one_thread):
+    with pytest.raises(FmkitError, match="not finished"):
+        scale_check(str(tiny_plan))
+    for lock in (tiny_plan / "locks").glob("*.lock"):   # the lock an earlier test held for a live process
+        lock.unlink()
+    scale_run(str(tiny_plan))
+    plan = json.loads((tiny_plan / "plan.json").read_text())
+    largest = max(r["compute"] for r in plan["runs"])
+    with pytest.raises(FmkitError, match="--size 999x9"):
+        scale_check(str(tiny_plan), size="999x9")
+    r = scale_check(str(tiny_plan), factor=3.0, bootstrap=10)
+    assert r["run"]["compute"] == pytest.approx(3 * largest, rel=0.1)   # whole steps round the compute
+    nearest = min(plan["sizes"], key=lambda s: abs(math.log(s["N"] / r["optimum"]["N"])))
+    assert r["run"]["size"] == nearest["size"]
+    measured = json.loads((Path(r["run"]["out"]) / "metrics.jsonl").read_text().splitlines()[-1])
+    assert r["measured"] == pytest.approx(measured["val_loss"])
+    assert r["error"] == pytest.approx((r["predicted"] - r["measured"]) / r["measured"])
+    assert r["inside_interval"] == (r["interval"][0] <= r["measured"] <= r["interval"][1])
+    assert json.loads((tiny_plan / "check" / "check.json").read_text())["measured"] == r["measured"]
+    assert (tiny_plan / "check" / "check.png").stat().st_size
+    again = scale_check(str(tiny_plan), factor=3.0, bootstrap=10)   # the trained run is reused, not retrained
+    assert again["measured"] == r["measured"]
+
+
+def test_the_one_sided_binomial_matches_its_sum():
+    n, p = 30, 0.25
+    pmf = [math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(n + 1)]
+    for k in (0, 5, 8, 15, 30):
+        assert binomial_above(k, n, p) == pytest.approx(sum(pmf[k:]), rel=1e-9)
+    assert binomial_above(1, 10, 0.0) == 0.0
+
+
+def test_departure_from_chance_is_the_first_compute_significant_after_holm():
+    def run(c, k, n=100):
+        return {"run": f"r{c:g}", "N": 1e5, "D": c / 6e5, "compute": c,
+                "tasks": {"t": {"score": k / n, "correct": k, "items": n, "chance": 0.25,
+                                "p_value": binomial_above(k, n, 0.25)}}}
+
+    # 34/100 at chance 1/4: p = 0.028 alone, 0.083 after Holm (second smallest of four, x3); 60/100 is far above
+    t = emergence([run(1e12, 60), run(1e10, 24), run(1e9, 27), run(1e11, 34)])["t"]
+    assert [x["compute"] for x in t["runs"]] == [1e9, 1e10, 1e11, 1e12]
+    assert binomial_above(34, 100, 0.25) < 0.05 and not t["runs"][2]["above_chance"]
+    assert t["departs_at"] == 1e12 and t["departs_run"] == "r1e+12"
+    assert emergence([run(1e9, 25), run(1e10, 26)])["t"]["departs_at"] is None
+
+
+def test_emergence_evaluates_each_run_once_and_plots_scores_against_compute(tiny_plan, one_thread):
+    for lock in (tiny_plan / "locks").glob("*.lock"):
+        lock.unlink()
+    scale_run(str(tiny_plan))
+    folder = scale_emergence([str(tiny_plan)], tasks=["stdlib_docstring_to_name"], limit=12)
+    result = json.loads((folder / "emergence.json").read_text())
+    t = result["tasks"]["stdlib_docstring_to_name"]
+    assert t["chance"] == pytest.approx(0.25) and len(t["runs"]) == 6
+    assert [x["compute"] for x in t["runs"]] == sorted(x["compute"] for x in t["runs"])
+    for x in t["runs"]:
+        assert x["items"] == 12 and x["interval"][0] <= x["score"] <= x["interval"][1]
+        assert x["p_adjusted"] >= x["p_value"]
+    assert (folder / "emergence.png").stat().st_size
+    done = Path(json.loads((tiny_plan / "plan.json").read_text())["runs"][0]["out"]) / "evals" / "stdlib_docstring_to_name"
+    stamp = (done / "results.json").stat().st_mtime
+    scale_emergence([str(tiny_plan)], tasks=["stdlib_docstring_to_name"], limit=12)
+    assert (done / "results.json").stat().st_mtime == stamp
+    with pytest.raises(FmkitError, match="right-or-wrong"):
+        scale_emergence([str(tiny_plan)], tasks=["stdlib_docstring_to_name"], metric="brier", limit=12)

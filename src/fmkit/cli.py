@@ -345,6 +345,8 @@ SHOW = {
     "registry": _registry,
     "monitor run": lambda r, kw: _show_from("fmkit.select.monitor", "show_run")(r, kw),
     "monitor report": lambda r, kw: _show_from("fmkit.select.monitor", "show_report")(r, kw),
+    **{f"scale {name}": lambda r, kw, name=name: _show_from("fmkit.scale.show", f"show_{name}")(r, kw)
+       for name in ("plan", "run", "fit", "check", "emergence")},
 }
 
 

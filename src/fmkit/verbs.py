@@ -70,6 +70,8 @@ VERBS = (
     Verb("scale plan", "fmkit.scale.plan:scale_plan", flags={"time_budget": ["--time"], "sizes": ["--sizes"]}),
     Verb("scale run", "fmkit.scale.run:scale_run"),
     Verb("scale fit", "fmkit.scale.report:scale_fit", flags={"budgets": ["--budget"]}),
+    Verb("scale check", "fmkit.scale.check:scale_check"),
+    Verb("scale emergence", "fmkit.scale.emergence:scale_emergence", flags={"tasks": ["--tasks", "--task"]}),
     Verb("registry", "fmkit.workspace:registry"),
 )
 
@@ -82,7 +84,8 @@ GROUPS = {
     "eval": "Evaluate a model on tasks, or report on an eval run.",
     "arena": "People vote between two anonymous models' answers: the page, ratings, a judge, preference export.",
     "monitor": "Watch a model for changes: fix canaries, run them from cron, alert when the model differs.",
-    "scale": "Scaling laws: plan a ladder of pre-training runs, run it, fit L(N, D) and the compute-optimal size.",
+    "scale": "Scaling laws: plan a ladder of pre-training runs, run it, fit L(N, D) and the compute-optimal size, "
+             "check the fit on a larger run, and plot eval scores against compute.",
 }
 
 

@@ -20,6 +20,9 @@ PARAMS = ("e", "a", "b", "alpha", "beta")
 GRID = {"e": np.arange(-1.0, 2.01, 0.5), "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0),
         "alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5)}
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}        # Hoffmann et al., eq. 10
+# Muennighoff et al. (2023), "Scaling Data-Constrained Language Models", eq. 5: a token seen for the R-th time is
+# worth less, decaying with R* = 15.4 repetitions' worth of data
+R_STAR = 15.39
 # Besiroglu et al. (2024), "Chinchilla Scaling: A replication attempt": approach 3 refitted on the paper's data
 EPOCH_REFIT = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
 
@@ -48,6 +51,19 @@ class Law:
         d = compute / 6 / n
         return {"compute": compute, "N": float(n), "D": float(d), "tokens_per_param": float(d / n),
                 "loss": float(self.loss(n, d))}
+
+
+def effective_tokens(d: float, unique: float | None) -> float:
+    """The fresh tokens that D tokens seen are worth when the data holds `unique` tokens: D itself up to one pass,
+    then D' = U + U R* (1 - exp(-R / R*)) with R = D/U - 1 repetitions (Muennighoff et al. 2023)."""
+    if not unique or d <= unique:
+        return d
+    return unique + unique * R_STAR * (1 - math.exp(-(d / unique - 1) / R_STAR))
+
+
+def _tokens(p: dict, repeats: bool) -> float:
+    """A point's D for the law: the effective tokens where its data's unique tokens are known and `repeats`."""
+    return effective_tokens(p["D"], p.get("unique")) if repeats else p["D"]
 
 
 def _objective(theta: np.ndarray, x: np.ndarray, y: np.ndarray, logl: np.ndarray, delta: float):
@@ -180,15 +196,19 @@ def _interval(values, level: float) -> list[float]:
 
 
 def fit(points: list[dict], budgets: list[float] = (), bootstrap: int = 200, level: float = 0.95,
-        delta: float = 1e-3, seed: int = 0) -> dict:
+        delta: float = 1e-3, seed: int = 0, repeats: bool = True) -> dict:
     """Approach 3 on each run's final loss and approach 1 on all losses, with bootstrap intervals over runs.
 
-    `points` are dicts with run (an id), N, D, loss and final (the run's last point). Each bootstrap replicate
-    draws runs with replacement, refits both, and the intervals are the replicates' central `level` range."""
+    `points` are dicts with run (an id), N, D, loss, final (the run's last point) and optionally unique (the
+    unique tokens of the run's data). With `repeats`, approach 3 fits each run's effective tokens
+    (`effective_tokens`): runs that pass over their data more than once saw less than D fresh tokens' worth, and
+    a law fitted on raw D over-predicts what more passes give. Budgets' optima assume fresh data. Each bootstrap
+    replicate draws runs with replacement, refits both, and the intervals are the replicates' central `level`
+    range."""
     final = [p for p in points if p.get("final", True)]
     if len({(p["N"], p["D"]) for p in final}) < 5:
         raise ValueError(f"a fit of five parameters needs at least 5 distinct (N, D) runs, got {len(final)}")
-    main = fit_law([p["N"] for p in final], [p["D"] for p in final], [p["loss"] for p in final], delta)
+    main = fit_law([p["N"] for p in final], [_tokens(p, repeats) for p in final], [p["loss"] for p in final], delta)
     law = main["law"]
     budgets = list(budgets) or [6 * max(p["N"] * p["D"] for p in final) * 4]
     rng = np.random.default_rng(seed)
@@ -201,7 +221,8 @@ def fit(points: list[dict], budgets: list[float] = (), bootstrap: int = 200, lev
         fin = [p for p in sample if p.get("final", True)]
         if len({(p["N"], p["D"]) for p in fin}) < 5:
             continue
-        rep = fit_law([p["N"] for p in fin], [p["D"] for p in fin], [p["loss"] for p in fin], delta, starts=3)
+        rep = fit_law([p["N"] for p in fin], [_tokens(p, repeats) for p in fin], [p["loss"] for p in fin], delta,
+                      starts=3)
         edges += bool(rep["edge"])
         reps.append((rep["law"], _approach1(sample)))
     laws = [r[0] for r in reps]
@@ -221,4 +242,5 @@ def fit(points: list[dict], budgets: list[float] = (), bootstrap: int = 200, lev
             "start": main["start"], "edge": main["edge"], "bootstrap": len(reps), "bootstrap_on_edge": edges,
             "exponents": {"a": law.beta / (law.alpha + law.beta), "b": law.alpha / (law.alpha + law.beta)},
             "optimum": optima, "approach1": a1, "runs": len(ids), "points": len(final),
+            "repeats": repeats and any(p.get("unique") and p["D"] > p["unique"] for p in final),
             "replicates": [asdict(lw) for lw in laws]}

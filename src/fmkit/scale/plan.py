@@ -96,6 +96,29 @@ def _ladder(sizes: list[dict], top: float, levels: int, per_level: int, ratio: f
     return runs
 
 
+def write_run(folder: Path, size: dict, compute: float, base: str, overrides: dict, workspace: str) -> dict:
+    """One run of `size` (a row of the plan's size table) at `compute` FLOPs: its recipe in folder/recipes, its
+    output in folder/runs, and its row of plan.json (N, D, steps, compute and predicted seconds)."""
+    rec = load_recipe(base or None, overrides)
+    rec.model.preset, rec.model.overrides = size["preset"], {**rec.model.overrides, **size["overrides"]}
+    tokens_per_step = rec.train.batch_size * rec.train.seq_len * rec.train.grad_accum
+    steps = max(1, round(compute / (6 * size["N"]) / tokens_per_step))
+    name = f"{size['size']}-c{compute:.2e}".replace("+", "")
+    rec.name, rec.out = f"scale-{name}", str(folder / "runs" / name)
+    rec.workspace = workspace
+    rec.train.steps = steps
+    rec.train.warmup_steps = min(rec.train.warmup_steps, max(1, steps // 10))
+    rec.train.eval_every = max(1, steps // 4)   # intermediate validation losses for the approach-1 envelope
+    rec.train.save_every = max(1, steps // 4)   # a killed run resumes from its last quarter
+    rec.train.log_every = max(1, min(rec.train.log_every, steps // 20))
+    recipe = folder / "recipes" / f"{name}.yaml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe.write_text(yaml.safe_dump(recipe_dict(rec), sort_keys=False))
+    d = steps * tokens_per_step
+    return {"run": name, "recipe": str(recipe), "out": rec.out, "size": size["size"], "N": size["N"], "D": d,
+            "steps": steps, "compute": 6 * size["N"] * d, "predicted_s": 6 * size["N"] * d / size["flops_per_s"]}
+
+
 def scale_plan(shards: str = "", budget: float = 0.0, time_budget: str = "", sizes: list[str] | None = None,
                out: str = "", val_shards: str = "", base: str = "", levels: int = 3, per_level: int = 4,
                ratio: float = 3.0, throughput: float = 0.0, min_steps: int = 20,
@@ -127,6 +150,9 @@ def scale_plan(shards: str = "", budget: float = 0.0, time_budget: str = "", siz
                          "quickstart` first")
     if not val_shards and (ws.path("shards", "stdlib-val") / "index.json").exists():
         val_shards = str(ws.path("shards", "stdlib-val"))
+    # absolute paths: the recipes are run from wherever `fmkit scale run` is started
+    shards, val_shards = str(Path(shards).resolve()), val_shards and str(Path(val_shards).resolve())
+    base = str(Path(base).resolve()) if base and Path(base).exists() else base
     if budget and time_budget:
         raise FmkitError("give --budget or --time, not both")
     seconds = parse_duration(time_budget or "30m") if not budget else 0.0
@@ -154,36 +180,21 @@ def scale_plan(shards: str = "", budget: float = 0.0, time_budget: str = "", siz
     for _ in range(100):   # bisection in log compute: the cost rises with the top level's compute
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if cost(mid) < (seconds or budget) else (lo, mid)
-    folder = Path(out) if out else ws.path("scale", time.strftime("plan-%Y%m%d-%H%M%S"))
+    folder = (Path(out) if out else ws.path("scale", time.strftime("plan-%Y%m%d-%H%M%S"))).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     planned, dropped = [], []
     for r in _ladder(table, lo, levels, per_level, ratio):
-        rec = load_recipe(base or None, overrides)
-        rec.model.preset, rec.model.overrides = r["preset"], {**rec.model.overrides, **r["overrides"]}
-        tokens_per_step = rec.train.batch_size * rec.train.seq_len * rec.train.grad_accum
-        steps = round(r["D"] / tokens_per_step)
-        name = f"{r['size']}-c{r['compute']:.2e}".replace("+", "")
-        if steps < min_steps:
-            dropped.append({"run": name, "steps": steps, "reason": f"under --min-steps {min_steps}"})
-            continue
-        rec.name, rec.out = f"scale-{name}", str(folder / "runs" / name)
-        rec.workspace = str(ws.root)
-        rec.train.steps = steps
-        rec.train.warmup_steps = min(rec.train.warmup_steps, max(1, steps // 10))
-        rec.train.eval_every = max(1, steps // 4)   # intermediate validation losses for the approach-1 envelope
-        rec.train.save_every = max(1, steps // 4)   # a killed run resumes from its last quarter
-        rec.train.log_every = max(1, min(rec.train.log_every, steps // 20))
-        recipe = folder / "recipes" / f"{name}.yaml"
-        recipe.parent.mkdir(exist_ok=True)
-        recipe.write_text(yaml.safe_dump(recipe_dict(rec), sort_keys=False))
-        planned.append({"run": name, "recipe": str(recipe), "out": rec.out, "size": r["size"], "N": r["N"],
-                        "D": steps * tokens_per_step, "steps": steps, "compute": 6 * r["N"] * steps * tokens_per_step,
-                        "predicted_s": 6 * r["N"] * steps * tokens_per_step / r["flops_per_s"]})
+        run = write_run(folder, r, r["compute"], base, overrides, str(Path(ws.root).resolve()))
+        if run["steps"] < min_steps:
+            dropped.append({"run": run["run"], "steps": run["steps"], "reason": f"under --min-steps {min_steps}"})
+            Path(run["recipe"]).unlink()
+        else:
+            planned.append(run)
     if len({(p["N"], p["D"]) for p in planned}) < 5:
         raise FmkitError(f"the plan has {len(planned)} runs; a fit needs at least 5: raise --budget/--time, add "
                          "--sizes, or lower --min-steps")
     plan = {"kind": "scale-plan", "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "shards": shards,
-            "val_shards": val_shards, "budget_flops": budget or None, "time_s": seconds or None,
+            "val_shards": val_shards, "base": base, "budget_flops": budget or None, "time_s": seconds or None,
             "levels": levels, "per_level": per_level, "ratio": ratio, "sizes": table, "runs": planned,
             "dropped": dropped, "total_compute": sum(p["compute"] for p in planned),
             "predicted_s": sum(p["predicted_s"] for p in planned)}

@@ -22,14 +22,15 @@ def _axes():
     return plt
 
 
-def plot_compute(points: list[dict], result: dict, out: Path) -> Path:
+def plot_compute(points: list[dict], result: dict, out: Path, check: dict | None = None) -> Path:
     """Final loss against training compute (C = 6ND), coloured by size, with the fitted compute-optimal frontier
-    and its bootstrap band, extended to the largest budget asked about."""
+    and its bootstrap band, extended to the largest budget asked about; with `check` (compute, loss, predicted,
+    interval), a run beyond the ladder drawn measured beside its prediction instead of the budgets' optima."""
     plt = _axes()
     law, reps = Law(**result["law"]), [Law(**r) for r in result["replicates"]]
     final = [p for p in points if p["final"]]
     c = np.array([6 * p["N"] * p["D"] for p in final])
-    top = max([c.max()] + [o["compute"] for o in result["optimum"]])
+    top = max([c.max()] + [o["compute"] for o in result["optimum"]] + ([check["compute"]] if check else []))
     grid = np.geomspace(c.min() / 2, top * 1.5, 60)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     sc = ax.scatter(c, [p["loss"] for p in final], c=np.log10([p["N"] for p in final]), cmap="viridis", zorder=3)
@@ -39,7 +40,13 @@ def plot_compute(points: list[dict], result: dict, out: Path) -> Path:
         band = np.array([[r.optimum(g)["loss"] for g in grid] for r in reps])
         lo, hi = np.percentile(band, [2.5, 97.5], axis=0)
         ax.fill_between(grid, lo, hi, color="k", alpha=0.15, label="95% bootstrap band")
-    for o in result["optimum"]:
+    if check:
+        lo, hi = check["interval"]
+        pred = check["predicted"]
+        ax.errorbar([check["compute"]], [pred], yerr=[[pred - lo], [hi - pred]], fmt="r*", ms=11, capsize=3,
+                    label=f"predicted {pred:.3f} (95% interval)")
+        ax.plot([check["compute"]], [check["loss"]], "bD", ms=7, label=f"measured {check['loss']:.3f}")
+    for o in [] if check else result["optimum"]:
         ax.errorbar([o["compute"]], [o["loss"]], yerr=[[o["loss"] - o["loss_interval"][0]],
                     [o["loss_interval"][1] - o["loss"]]], fmt="r*", ms=10, label=f"prediction at {o['compute']:.2g}")
     return _finish(plt, fig, ax, "training compute C = 6ND (FLOPs)", out)
@@ -76,7 +83,7 @@ def _finish(plt, fig, ax, xlabel: str, out: Path) -> Path:
 
 
 def scale_fit(runs: list[str], budgets: list[float] | None = None, bootstrap: int = 200, out: str = "",
-              seed: int = 0, workspace: str | None = None) -> Path:
+              seed: int = 0, repeats: bool = True, workspace: str | None = None) -> Path:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to a ladder's runs and give the compute-optimal N and D per budget.
 
     Chinchilla's approach 3 (Huber loss on log-loss, L-BFGS from a grid) on each run's final loss, approach 1
@@ -89,11 +96,13 @@ def scale_fit(runs: list[str], budgets: list[float] | None = None, bootstrap: in
         bootstrap: Bootstrap replicates for the intervals.
         out: Folder for fit.json and the plots (default: the first plan folder, else <workspace>/scale/fit-<time>).
         seed: Seed of the bootstrap's resampling.
+        repeats: Fit the effective tokens of runs that pass over their shards more than once (Muennighoff et al.
+            2023) rather than the tokens seen.
         workspace: Workspace folder (default: $FMKIT_WORKSPACE or ./fmkit-workspace).
     """
     points = load_points(runs)
     try:
-        result = fit(points, budgets or (), bootstrap=bootstrap, seed=seed)
+        result = fit(points, budgets or (), bootstrap=bootstrap, seed=seed, repeats=repeats)
     except ValueError as e:
         raise FmkitError(str(e)) from None
     first = Path(runs[0])

@@ -13,18 +13,27 @@ def run_points(folder: Path, n_params: int | None = None, name: str = "") -> lis
     """One point per validation (else training) loss a run logged, the last one marked final.
 
     D is the tokens the loop counted, not the planned number, so a run resumed or trained on another world size
-    is still placed where it really is."""
+    is still placed where it really is; `unique` is the tokens in the shards it trained on."""
     rows = [r for r in read_metrics(folder) if r.get("tokens_seen")]
     manifest = folder / "fmkit.json"
-    if n_params is None and manifest.exists():
-        n_params = json.loads(manifest.read_text()).get("parameters")
+    meta = json.loads(manifest.read_text()) if manifest.exists() else {}
+    n_params = n_params or meta.get("parameters")
+    unique = unique_tokens(meta.get("shards"))
     if not rows or not n_params:
         return []
     key = "val_loss" if any("val_loss" in r for r in rows) else "loss"
     rows = [r for r in rows if key in r]
     finished = manifest.exists()
     return [{"run": name or folder.name, "N": float(n_params), "D": float(r["tokens_seen"]), "loss": float(r[key]),
-             "final": finished and r is rows[-1], "metric": key, "step": r["step"]} for r in rows]
+             "final": finished and r is rows[-1], "metric": key, "step": r["step"], "unique": unique} for r in rows]
+
+
+def unique_tokens(shards: str | None) -> float | None:
+    """The tokens in a shard folder (index.json), which a run passing over it more than once sees again."""
+    index = Path(shards) / "index.json" if shards else None
+    if index is None or not index.exists():
+        return None
+    return float(json.loads(index.read_text())["tokens"])
 
 
 def _table(path: Path) -> list[dict]:
@@ -39,30 +48,38 @@ def _table(path: Path) -> list[dict]:
         try:
             final = str(r.get("final", True)).lower() not in ("0", "false", "no")
             out.append({"run": str(r.get("run", i)), "N": float(r["N"]), "D": float(r["D"]),
-                        "loss": float(r["loss"]), "final": final})
+                        "loss": float(r["loss"]), "final": final,
+                        "unique": float(r["unique"]) if r.get("unique") not in (None, "") else None})
         except (KeyError, TypeError, ValueError):
             raise FmkitError(f"{path}: row {i + 1} needs numeric N, D and loss") from None
     return out
 
 
-def load_points(sources: list[str]) -> list[dict]:
-    """Points from plan folders (plan.json), run folders (metrics.jsonl), folders of runs, or JSON/CSV tables."""
-    points = []
+def run_folders(sources: list[str]) -> list[tuple[str, Path, int | None]]:
+    """(run name, folder, parameters if the plan says) for each run in plan folders, run folders (metrics.jsonl)
+    or folders of runs; tables are skipped."""
+    out = []
     for src in sources:
         path = Path(src)
         if path.is_file():
-            points += _table(path)
-        elif (path / "plan.json").exists():
-            plan = json.loads((path / "plan.json").read_text())
-            for r in plan["runs"]:
-                points += run_points(Path(r["out"]), r["N"], r["run"])
+            continue
+        if (path / "plan.json").exists():
+            out += [(r["run"], Path(r["out"]), r["N"]) for r in json.loads((path / "plan.json").read_text())["runs"]]
         elif (path / "metrics.jsonl").exists():
-            points += run_points(path)
+            out.append((path.name, path, None))
         elif path.is_dir():
-            for sub in sorted(p for p in path.iterdir() if (p / "metrics.jsonl").exists()):
-                points += run_points(sub)
+            out += [(p.name, p, None) for p in sorted(path.iterdir()) if (p / "metrics.jsonl").exists()]
         else:
             raise FmkitError(f"{src} is not a plan folder, a run folder or a JSON/CSV table of N, D, loss")
+    return out
+
+
+def load_points(sources: list[str]) -> list[dict]:
+    """Points from plan folders (plan.json), run folders (metrics.jsonl), folders of runs, or JSON/CSV tables
+    (columns N, D, loss, and optionally run, final, unique)."""
+    points = [p for src in sources if Path(src).is_file() for p in _table(Path(src))]
+    for name, folder, n in run_folders(sources):
+        points += run_points(folder, n, name)
     if not any(p["final"] for p in points):
         raise FmkitError(f"no finished runs in {', '.join(sources)}; run them first with `fmkit scale run PLAN`")
     return points
