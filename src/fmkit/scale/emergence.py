@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,7 @@ from ..errors import FmkitError
 from ..evals.runner import evaluate
 from ..progress import status
 from ..select.stats import holm, wilson
-from ..workspace import Workspace
-from .runs import run_folders, run_points
+from .runs import output_folder, run_folders, run_points
 
 TASKS = ["stdlib_docstring_to_name", "stdlib_next_line"]
 
@@ -148,10 +146,7 @@ def scale_emergence(runs: list[str], tasks: list[str] | None = None, metric: str
                        "tasks": dict(_score(_evaluated(folder, t, limit, workspace), metric) for t in tasks)})
     result = {"metric": metric, "limit": limit, "tasks": emergence(scored), "sources": [str(Path(r).resolve())
                                                                                          for r in runs]}
-    first = Path(runs[0])
-    folder = Path(out) if out else first if (first / "plan.json").exists() else \
-        Workspace(workspace).path("scale", time.strftime("emergence-%Y%m%d-%H%M%S"))
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_folder(runs, out, "emergence", workspace)
     (folder / "emergence.json").write_text(json.dumps(result, indent=2))
     plot_emergence(result["tasks"], metric, folder / "emergence.png")
     return folder

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FmkitError
-from ..workspace import Workspace
 from .fit import Law, fit
-from .runs import load_points
+from .runs import load_points, output_folder
 
 
 def _axes():
@@ -105,10 +103,7 @@ def scale_fit(runs: list[str], budgets: list[float] | None = None, bootstrap: in
         result = fit(points, budgets or (), bootstrap=bootstrap, seed=seed, repeats=repeats)
     except ValueError as e:
         raise FmkitError(str(e)) from None
-    first = Path(runs[0])
-    folder = Path(out) if out else first if (first / "plan.json").exists() else \
-        Workspace(workspace).path("scale", time.strftime("fit-%Y%m%d-%H%M%S"))
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = output_folder(runs, out, "fit", workspace)
     result["sources"] = [str(Path(r).resolve()) for r in runs]
     result["table"] = points
     (folder / "fit.json").write_text(json.dumps(result, indent=2))

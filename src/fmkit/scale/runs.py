@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 from ..errors import FmkitError
 from ..train.metrics import read_metrics
+from ..workspace import Workspace
 
 
 def run_points(folder: Path, n_params: int | None = None, name: str = "") -> list[dict]:
@@ -72,6 +74,16 @@ def run_folders(sources: list[str]) -> list[tuple[str, Path, int | None]]:
         else:
             raise FmkitError(f"{src} is not a plan folder, a run folder or a JSON/CSV table of N, D, loss")
     return out
+
+
+def output_folder(runs: list[str], out: str, kind: str, workspace: str | None) -> Path:
+    """Where a verb over `runs` writes: `out`, else the first source when it is a plan folder, else
+    <workspace>/scale/KIND-<time>; created."""
+    first = Path(runs[0])
+    folder = Path(out) if out else first if (first / "plan.json").exists() else \
+        Workspace(workspace).path("scale", time.strftime(f"{kind}-%Y%m%d-%H%M%S"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def load_points(sources: list[str]) -> list[dict]:
