@@ -14,19 +14,28 @@ import random
 from ..data.stdlib import STDLIB_VAL_MODULES, stdlib_files
 
 
-def stdlib_functions(split: str):
-    """(module name, ast node) for every function definition in the split's .py files, in a fixed order."""
+def _functions(split: str):
+    """(module name, the file's source lines, ast node) for every function definition in the split's .py files,
+    in a fixed order; files that do not parse are skipped."""
     for path in stdlib_files(split):
         if not hasattr(path, "read_text"):
             continue
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
         except (SyntaxError, UnicodeDecodeError):
             continue
         module = path.stem if path.stem != "__init__" else path.parent.name
+        lines = source.splitlines()
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                yield module, node
+                yield module, lines, node
+
+
+def stdlib_functions(split: str):
+    """(module name, ast node) for every function definition in the split's .py files, in a fixed order."""
+    for module, _, node in _functions(split):
+        yield module, node
 
 
 def documented_functions(split: str):
@@ -64,19 +73,9 @@ def next_line(split: str = "val", choices: int = 4, context: int = 6, seed: int 
     which of `choices` lines comes next. Blank, comment and short (under 8 characters) lines are never asked."""
     rng = random.Random(seed)
     by_module: dict[str, list[tuple[str, list[str]]]] = {}
-    for path in stdlib_files(split):
-        if not hasattr(path, "read_text"):
-            continue
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        lines = source.splitlines()
-        module = path.stem if path.stem != "__init__" else path.parent.name
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno:
-                by_module.setdefault(module, []).append((node.name, lines[node.lineno - 1:node.end_lineno]))
+    for module, lines, node in _functions(split):
+        if node.end_lineno:
+            by_module.setdefault(module, []).append((node.name, lines[node.lineno - 1:node.end_lineno]))
 
     def askable(line: str) -> bool:
         text = line.strip()
