@@ -118,29 +118,31 @@ def _screens(policy, seqs: list[Sequence], logprobs: bool) -> dict:
     return {s.index: policy.screen() for s in seqs}
 
 
-def _stop_if_blocked(s: Sequence, screen, text: str) -> None:
+def _stop_if_blocked(s: Sequence, screen, text: str, done: bool) -> None:
     """Cancel a sequence as soon as its policy blocks its text, rather than generate what nobody will see."""
-    if screen is not None and screen.blocks(text, s.finished):
+    if screen is not None and screen.blocks(text, done):
         s.cancelled = True
 
 
 def _watch(job: Job, ctx: dict) -> None:
     for s in job.seqs:
-        _stop_if_blocked(s, ctx["screens"].get(s.index), s.text)
+        done = s.finished   # read before the text: the engine writes the final text, then the reason
+        _stop_if_blocked(s, ctx["screens"].get(s.index), s.text, done)
 
 
-def _shown(s: Sequence, screen) -> str:
-    """What a stream may show of a sequence's text now: all of it, or what its screen lets through."""
-    text = s.text if s.finished else s.visible
+def _shown(s: Sequence, screen, done: bool) -> str:
+    """What a stream may show of a sequence's text now (`done`: it had finished when this round began): all of
+    it, or what its screen lets through."""
+    text = s.text if done else s.visible
     if screen is None:
         return text
-    _stop_if_blocked(s, screen, text)
-    return screen.stream(text, s.finished)
+    _stop_if_blocked(s, screen, text, done)
+    return screen.stream(text, done)
 
 
-def _end(s: Sequence, screen, reason: str | None = None) -> dict:
+def _end(s: Sequence, screen, done: bool, reason: str | None = None) -> dict:
     """A choice's finish_reason once it has finished, and under a policy its content_filter_results."""
-    if not s.finished:
+    if not done:
         return {"finish_reason": None}
     reason = reason or s.finish_reason
     if screen is None:
@@ -236,7 +238,7 @@ async def chat_response(job: Job, ctx: dict, request, model: str) -> dict | None
         message = _screened(message, screen)
         lp = {"content": [_entry(tok, *e) for e in s.logprobs], "refusal": None} \
             if s.params.logprobs is not None else None
-        choices.append({"index": s.index, "message": message, "logprobs": lp, **_end(s, screen, reason)})
+        choices.append({"index": s.index, "message": message, "logprobs": lp, **_end(s, screen, True, reason)})
     return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": job.served.fingerprint, "choices": choices,
             "usage": job.usage(ctx["prompt_tokens"])}
@@ -250,15 +252,15 @@ async def chat_stream(job: Job, ctx: dict, request, model: str):
             "created": int(time.time()), "model": model, "system_fingerprint": job.served.fingerprint}
     tok, hold = job.served.tok, bool(ctx["forced"] or ctx["tools"])
 
-    def chunks(s: Sequence, mark: list):
+    def chunks(s: Sequence, mark: list, done: bool):
         screen = ctx["screens"].get(s.index)
-        if hold and not s.finished:
-            _stop_if_blocked(s, screen, s.text)
+        if hold and not done:
+            _stop_if_blocked(s, screen, s.text, done)
             return
-        text = "" if hold else _shown(s, screen)
+        text = "" if hold else _shown(s, screen, done)
         new_lp = s.logprobs[mark[1]:]
         delta, reason = {}, None
-        if s.finished and hold:
+        if done and hold:
             message, reason = _message(s, ctx)
             message = _screened(message, screen)
             delta = {k: v for k, v in message.items() if k in ("content", "tool_calls") and v}
@@ -271,8 +273,9 @@ async def chat_stream(job: Job, ctx: dict, request, model: str):
                 if s.params.logprobs is not None and new_lp else None
             yield {**head, "choices": [{"index": s.index, "delta": delta, "logprobs": lp, "finish_reason": None}]}
         mark[0], mark[1] = max(mark[0], len(text)), mark[1] + len(new_lp)
-        if s.finished:
-            yield {**head, "choices": [{"index": s.index, "delta": {}, "logprobs": None, **_end(s, screen, reason)}]}
+        if done:
+            yield {**head, "choices": [{"index": s.index, "delta": {}, "logprobs": None,
+                                        **_end(s, screen, True, reason)}]}
 
     first = [{**head, "choices": [{"index": s.index, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}]} for s in job.seqs]
@@ -282,9 +285,13 @@ async def chat_stream(job: Job, ctx: dict, request, model: str):
 
 async def _stream(job: Job, ctx: dict, request, head: dict, chunks, first=()):
     """What both endpoints' streams share: `first`, then, until every sequence has finished, the chunks
-    `chunks(seq, mark)` makes from a sequence's progress (mark: [characters sent, logprob entries sent]), at most
-    one round per stream interval; a sequence that failed gets an error event; then the usage chunk (with
-    include_usage, when every other chunk carries "usage": null) and [DONE]."""
+    `chunks(seq, mark, done)` makes from a sequence's progress (mark: [characters sent, logprob entries sent]), at
+    most one round per stream interval; a sequence that failed gets an error event; then the usage chunk (with
+    include_usage, when every other chunk carries "usage": null) and [DONE].
+
+    The engine thread may finish a sequence between any two reads made here, so each round reads its finish
+    reason once, before its text, and decides everything from that: reading it twice once sent a finish chunk
+    without the text that came with it."""
     usage = {"usage": None} if ctx["include_usage"] else {}
     marks = {s.index: [0, 0] for s in job.seqs}
     open_ = list(job.seqs)
@@ -293,13 +300,14 @@ async def _stream(job: Job, ctx: dict, request, head: dict, chunks, first=()):
             yield _sse({**chunk, **usage})
         while open_:
             for s in list(open_):
-                if s.finish_reason == "error":
+                reason = s.finish_reason
+                if reason == "error":
                     yield _sse({"error": {"message": f"the model failed on this request ({s.error})",
                                           "type": "server_error", "param": None, "code": "model_error"}})
                 else:
-                    for chunk in chunks(s, marks[s.index]):
+                    for chunk in chunks(s, marks[s.index], reason is not None):
                         yield _sse({**chunk, **usage})
-                if s.finished:
+                if reason is not None:
                     open_.remove(s)
             if open_ and not await job.paced(request):
                 return
@@ -369,7 +377,7 @@ async def completion_response(job: Job, ctx: dict, request, model: str) -> dict 
     for s in job.seqs:
         text = (ctx["texts"][s.index // ctx["n"]] if ctx["echo"] else "") + s.text
         screen = ctx["screens"].get(s.index)   # echoed prompts leave the server too, so they are screened
-        choices.append({"index": s.index, "text": screen.whole(text) if screen else text, **_end(s, screen),
+        choices.append({"index": s.index, "text": screen.whole(text) if screen else text, **_end(s, screen, True),
                         "logprobs": _completion_logprobs(tok, s, ctx["echo"], s.params.logprobs)})
     return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": model, "system_fingerprint": job.served.fingerprint, "choices": choices,
@@ -381,18 +389,18 @@ async def completion_stream(job: Job, ctx: dict, request, model: str):
             "model": model, "system_fingerprint": job.served.fingerprint}
     tok = job.served.tok
 
-    def chunks(s: Sequence, mark: list):
+    def chunks(s: Sequence, mark: list, done: bool):
         screen = ctx["screens"].get(s.index)
-        text = _shown(s, screen)
+        text = _shown(s, screen, done)
         new_lp = s.logprobs[mark[1]:]
-        if len(text) > mark[0] or new_lp or s.finished:
+        if len(text) > mark[0] or new_lp or done:
             lp = None
             if s.params.logprobs is not None and new_lp:
                 lp = {"tokens": [tok.decode([e[0]]) for e in new_lp], "token_logprobs": [e[1] for e in new_lp],
                       "top_logprobs": [{tok.decode([t]): v for t, v in e[2]} for e in new_lp],
                       "text_offset": [mark[0]] * len(new_lp)}
             yield {**head, "choices": [{"index": s.index, "text": text[mark[0]:], "logprobs": lp,
-                                        **_end(s, screen)}]}
+                                        **_end(s, screen, done)}]}
         mark[0], mark[1] = max(mark[0], len(text)), mark[1] + len(new_lp)
 
     async for line in _stream(job, ctx, request, head, chunks):
