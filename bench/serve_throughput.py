@@ -314,14 +314,19 @@ def measure(base_url: str, contender: dict, args, server_pid: int) -> dict:
         raise RuntimeError(f"{len(errors)} client(s) failed, the first with: {errors[0]!r}")
     flat = [r for rows in results for r in rows]
     texts = {}
-    repeats_agree = True
+    differ = ""
     for i, rows in enumerate(results):
         texts.setdefault(i % len(PROMPTS), rows[0]["text"])
-        repeats_agree &= all(r["text"] == rows[0]["text"] for r in rows)
+        for k, r in enumerate(rows):
+            if r["text"] != rows[0]["text"] and not differ:
+                a, b = rows[0]["text"], r["text"]
+                n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                differ = (f"client {i}, repeat {k} against its first, from character {n}: "
+                          f"{a[max(0, n - 10):n + 20]!r} / {b[max(0, n - 10):n + 20]!r}")
     tokens = sum(r["tokens"] for r in flat)
     return dict(warmup=warmup, wall=wall, tokens=tokens, others=others, rate=tokens / wall, requests=len(flat),
                 ttft=[r["ttft"] for r in flat], latency=[r["latency"] for r in flat], texts=texts,
-                repeats_agree=repeats_agree, usage=all(r["usage"] for r in flat),
+                repeats_differ=differ, usage=all(r["usage"] for r in flat),
                 short=sum(r["tokens"] < args.max_tokens for r in flat))
 
 
@@ -399,8 +404,8 @@ def bench_model(label: str, folder: Path, args, log_dir: Path) -> None:
         if r["others"] is not None:
             notes.append(f"other processes used {r['others']:.0%} of the CPUs meanwhile"
                          + (": FIGURES UNRELIABLE" if r["others"] > 0.1 else ""))
-        if not r["repeats_agree"]:
-            notes.append("greedy texts differ between repeats of a prompt")
+        if r["repeats_differ"]:
+            notes.append(f"greedy texts differ between repeats of a prompt ({r['repeats_differ']})")
         print(f"{c['name']}: {r['rate']:,.0f} tokens/s; " + "; ".join(notes))
 
     if rows:
