@@ -244,4 +244,65 @@ def test_sequences_joining_at_different_times_decode_as_if_alone(model_dir, use_
     else:
         torch.testing.assert_close(alone[0], together[1])
     with pytest.raises(IndexError):
-        dec.step_rows([1, 2], [0, 0], [3, 4], cache)   # two sequences in one row
+        dec.step_rows([1, 2], [0, 0], [3, 3], cache)   # two tokens for one slot
+
+
+@pytest.mark.parametrize("use_native", [None, False])
+def test_prompts_prefilled_inside_the_step_decode_as_if_alone(model_dir, use_native):
+    """Prompt chunks and decoding rows in one step_rows call (a row repeated at consecutive slots) give
+    transformers' greedy tokens; in the compiled step a sequence's logits are the same bits however its prompt was
+    split and whatever shared its calls."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    dec = LlamaDecoder(hf, torch.float32, use_native=use_native)
+    if use_native is None and dec.native is None:
+        pytest.skip(f"no compiled step here: {native.why_not()}")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21], [20]]
+
+    def run(chunk: int, order: list[int]) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """Sequences join in `order`, one per call, each call prefilling up to `chunk` prompt tokens of the
+        waiting ones next to one token of every decoding one."""
+        cache = dec.new_cache(4, 64, width=4 + chunk)
+        seqs, done, first = {}, {i: 0 for i in order}, {}
+        waiting = []
+        for call in range(40):
+            if call < len(order):
+                waiting.append(order[call])
+            ids, rows, slots, want, owners = [], [], [], [], []
+            for i, s in seqs.items():
+                if len(s) < len(prompts[i]) + 6:
+                    ids.append(s[-1]), rows.append(i), slots.append(len(s) - 1), want.append(len(ids) - 1)
+                    owners.append(i)
+            budget = chunk
+            for i in list(waiting):
+                take = prompts[i][done[i]:done[i] + budget]
+                for j, t in enumerate(take):
+                    ids.append(t), rows.append(i), slots.append(done[i] + j)
+                done[i] += len(take)
+                budget -= len(take)
+                if done[i] == len(prompts[i]):
+                    want.append(len(ids) - 1), owners.append(i)
+                    waiting.remove(i)
+                if budget <= 0:
+                    break
+            if not ids:
+                break
+            logits = dec.step_rows(ids, rows, slots, cache, want)
+            for i, row in zip(owners, logits):
+                if i in seqs:
+                    seqs[i].append(int(row.argmax()))
+                else:
+                    seqs[i], first[i] = prompts[i] + [int(row.argmax())], row
+        return [seqs[i] for i in range(len(prompts))], [first[i] for i in range(len(prompts))]
+
+    a, fa = run(3, [0, 1, 2, 3])
+    b, fb = run(5, [2, 3, 1, 0])
+    for p, s in zip(prompts, a):
+        assert s == hf.generate(torch.tensor([p]), max_new_tokens=len(s) - len(p), do_sample=False)[0].tolist()
+    assert a == b
+    for x, y in zip(fa, fb):
+        if dec.native is not None:
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y)

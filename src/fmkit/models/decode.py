@@ -47,23 +47,22 @@ def _packed_linear(x, packed):
 class Dense:
     """y = x @ W.T for a fixed W (out, in): packed once for oneDNN where possible, else kept transposed and
     contiguous so the product is `x @ W.T` (~3x faster than nn.Linear's layout at batch 1). With pack=False the
-    weight stays (out, in) row-major in `self.w`, the layout the compiled step reads."""
+    weight is kept only as that (in, out) row-major `self.wt`, the layout the compiled step reads."""
 
     def __init__(self, w: torch.Tensor, dtype: torch.dtype, pack: bool = True):
         w = w.detach().to(dtype).contiguous()
-        self.w = None if pack else w
         self.packed = onednn_pack(w) if pack else None
-        self.wt = w.t().contiguous() if pack and self.packed is None else None
+        self.wt = w.t().contiguous() if self.packed is None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w is not None:
-            return F.linear(x, self.w)
         return _packed_linear(x, self.packed) if self.packed is not None else x @ self.wt
 
 
 class KVCache(list):
-    """One (2, batch, n_kv, length, head_dim) fp32 tensor per layer; `bound` holds the compiled step's view of it."""
+    """One (2, batch, n_kv, length, head_dim) fp32 tensor per layer; `bound` holds the compiled step's view of it
+    and `width` the most token rows one step takes."""
     bound = None
+    width = 0
 
 
 class LlamaDecoder:
@@ -85,8 +84,8 @@ class LlamaDecoder:
         if use_native and self.native is None:
             why = native.why_not() if fits else f"dtype {dtype} or this head layout is not supported"
             raise RuntimeError(f"the compiled decoding step is unavailable: {why}")
-        # The compiled step reads plain (out, in) weights, and the layers keep that one copy: prompts and steps of
-        # more rows then use F.linear on it, measured 0-15% slower than oneDNN-packed copies would be.
+        # The compiled step reads (in, out) weights, and the layers keep that one copy: prompts and steps of more
+        # rows through PyTorch then multiply by it as it is, measured 0-15% slower than oneDNN-packed copies.
         pack = self.native is None
         sd = {k: v.detach() for k, v in model.state_dict().items()}
         self.embed = sd["model.embed_tokens.weight"].to(dtype)
@@ -120,9 +119,13 @@ class LlamaDecoder:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def new_cache(self, batch: int, length: int) -> KVCache:
+    def new_cache(self, batch: int, length: int, width: int = 0) -> KVCache:
+        """`batch` rows of `length` slots; `width`: the most token rows one `step_rows` call takes (default
+        `batch`), more where prompts are prefilled in the same call as the decoding rows."""
         shape = (2, batch, self.n_kv, length, self.head_dim)
-        return KVCache(torch.zeros(shape, dtype=torch.float32) for _ in self.layers)
+        cache = KVCache(torch.zeros(shape, dtype=torch.float32) for _ in self.layers)
+        cache.width = max(width, batch)
+        return cache
 
     def _native_step(self, ids, positions, cache: KVCache, start: int, key_mask) -> torch.Tensor:
         if cache.bound is None or cache.bound.decoder is not self:
@@ -156,17 +159,25 @@ class LlamaDecoder:
         return self.forward(torch.tensor([ids]), positions, view, start, None, every)[0 if every else slice(None)]
 
     @torch.inference_mode()
-    def step_rows(self, ids: list[int], rows: list[int], slots: list[int], cache: KVCache) -> torch.Tensor:
-        """One token for each of several sequences that joined at different times (continuous batching):
-        sequence i lives in cache row rows[i], its token goes to slot slots[i] (also its RoPE position) and it
-        attends over its own slots [0, slots[i]]. Logits (len(ids), vocab)."""
+    def step_rows(self, ids: list[int], rows: list[int], slots: list[int], cache: KVCache,
+                  want: list[int] | None = None) -> torch.Tensor:
+        """Tokens of several sequences that joined at different times, in one call (continuous batching): token i
+        belongs to cache row rows[i], goes to slot slots[i] (also its RoPE position) and attends over that row's
+        slots [0, slots[i]]. A row may appear several times at consecutive slots: a chunk of its prompt, whose
+        tokens attend to each other causally. Logits (len(want), vocab) for the tokens at positions `want` in
+        `ids` (default: all).
+
+        In the compiled step every token's arithmetic is the same whatever else is in the call, so a sequence's
+        tokens, prompt included, never depend on its neighbours or on how its prompt was split."""
         n, length = len(ids), cache[0].shape[3]
-        if not (0 <= min(ids) <= max(ids) < len(self.embed) and 0 <= min(rows) <= max(rows) < cache[0].shape[1]
-                and len(set(rows)) == n and 0 <= min(slots) <= max(slots) < min(length, self.max_positions)
-                and len(rows) == len(slots) == n):
+        width = max(cache.width, cache[0].shape[1]) if isinstance(cache, KVCache) else n
+        if not (0 < n <= width and len(rows) == len(slots) == n and 0 <= min(ids) <= max(ids) < len(self.embed)
+                and 0 <= min(rows) <= max(rows) < cache[0].shape[1] and len(set(zip(rows, slots))) == n
+                and 0 <= min(slots) <= max(slots) < min(length, self.max_positions)):
             raise IndexError(f"token ids {ids}, rows {rows} or slots {slots} do not fit the cache "
-                             f"({cache[0].shape[1]} rows of {length} slots)")
+                             f"({cache[0].shape[1]} rows of {length} slots, at most {width} tokens a step)")
         ids_t, rows_t, slots_t = (torch.tensor(v, dtype=torch.int64) for v in (ids, rows, slots))
+        pick = slice(None) if want is None else torch.tensor(want, dtype=torch.int64)
         if self.native is not None and isinstance(cache, KVCache):
             if cache.bound is None or cache.bound.decoder is not self:
                 cache.bound = _Bound(self, cache)
@@ -175,7 +186,7 @@ class LlamaDecoder:
             bound = cache.bound
             self.native.fm_step_rows(ctypes.byref(bound.model), n, rows_t.data_ptr(), ids_t.data_ptr(),
                                      slots_t.data_ptr(), slots_t.data_ptr(), bound.out.data_ptr(), None)
-            return self.head(bound.out[:n].to(self.dtype)).float()
+            return self.head(bound.out[:n][pick].to(self.dtype)).float()
         end = max(slots) + 1
         x = self.embed[ids_t][:, None]
         cos, sin = self.cos[slots_t][:, None, None], self.sin[slots_t][:, None, None]  # (n, 1, 1, D)
@@ -192,7 +203,7 @@ class LlamaDecoder:
             gu = wgu(self._rms(x, ln2))
             half = gu.shape[-1] // 2
             x = x + wd(F.silu(gu[..., :half]) * gu[..., half:])
-        return self.head(self._rms(x[:, -1], self.norm)).float()
+        return self.head(self._rms(x[:, -1][pick], self.norm)).float()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor], start: int,
@@ -263,8 +274,9 @@ class _Bound:
             self.keep.append(arr)
             return arr
 
-        inter = dec.layers[0][4].w.shape[0] // 2
-        m = native.Model(batch=self.batch, hidden=dec.embed.shape[1], n_heads=dec.n_heads, n_kv=dec.n_kv,
+        self.width = getattr(cache, "width", self.batch)
+        inter = dec.layers[0][4].wt.shape[1] // 2
+        m = native.Model(batch=self.batch, width=self.width, hidden=dec.embed.shape[1], n_heads=dec.n_heads, n_kv=dec.n_kv,
                          head_dim=dec.head_dim, inter=inter, n_layers=len(dec.layers), cache_len=self.length,
                          threads=torch.get_num_threads(), bf16=int(dec.dtype == torch.bfloat16), eps=dec.eps,
                          embed=dec.embed.data_ptr(), cos=self.keep[0].data_ptr(), sin=self.keep[1].data_ptr(),
@@ -273,9 +285,9 @@ class _Bound:
             m.head, m.vocab = dec.head_w.data_ptr(), len(dec.head_w)
         m.ln1, m.ln2 = ptrs(ln1), ptrs(ln2)
         for i, name in enumerate(["wqkv", "wo", "wgu", "wd"]):
-            setattr(m, name, ptrs([layer[(1, 2, 4, 5)[i]].w for layer in dec.layers]))
+            setattr(m, name, ptrs([layer[(1, 2, 4, 5)[i]].wt for layer in dec.layers]))
         m.cache = ptrs(list(cache))
         self.work = torch.empty(dec.native.fm_work_floats(ctypes.byref(m)), **f32)
         m.work = self.work.data_ptr()
         self.model = m
-        self.out = torch.empty(self.batch, m.hidden, **f32)
+        self.out = torch.empty(self.width, m.hidden, **f32)

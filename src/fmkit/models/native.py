@@ -19,14 +19,14 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).parent / "kernels" / "decode_step.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 _loaded: list = []  # [library or None] once load() has run
 _why = ""
 
 
 class Model(ctypes.Structure):
     """Mirror of the C `Model`: sizes, then pointers to weights, cache and scratch."""
-    _fields_ = [(n, ctypes.c_int64) for n in ("batch", "hidden", "n_heads", "n_kv", "head_dim", "inter",
+    _fields_ = [(n, ctypes.c_int64) for n in ("batch", "width", "hidden", "n_heads", "n_kv", "head_dim", "inter",
                                                "n_layers", "cache_len", "threads", "bf16")]
     _fields_ += [("eps", ctypes.c_double), ("embed", ctypes.c_void_p), ("cos", ctypes.c_void_p),
                  ("sin", ctypes.c_void_p)]
@@ -64,7 +64,7 @@ def build() -> Path:
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found (set CC, or install gcc/clang)")
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"decode_step-{key}.so"
     failed = out.with_suffix(".failed")  # a compiler that failed once (e.g. no OpenMP) is not retried every run
