@@ -165,8 +165,8 @@ def server(folders):
         for name in ("scripted", "guarded"):   # a token every 20 ms, so streams come in many chunks
             served = bg.app.state.pool.get(name)
             bg.app.state.pool.done(served)
-            step = served.engine.runner.step
-            served.engine.runner.step = lambda *a, step=step: (time.sleep(0.02), step(*a))[1]
+            step = served.engine.runner.run
+            served.engine.runner.run = lambda *a, step=step: (time.sleep(0.02), step(*a))[1]
         yield bg, {k: openai.OpenAI(base_url=url, api_key=f"sk-{k}", max_retries=0) for k in ("plain", "safe")}
 
 

@@ -352,13 +352,13 @@ def test_a_client_that_disconnects_frees_its_row(server):
 def test_a_request_that_fails_inside_the_model_fails_alone(server, monkeypatch):
     bg, client = server
     runner = loaded(bg, "tiny").engine.runner
-    real = runner.prefill
+    real = runner.run
 
-    def broken(row, ids, start, every=False):
+    def broken(ids, rows, slots, want):
         if 7 in ids:
             raise RuntimeError("boom")
-        return real(row, ids, start, every)
-    monkeypatch.setattr(runner, "prefill", broken)
+        return real(ids, rows, slots, want)
+    monkeypatch.setattr(runner, "run", broken)
     with pytest.raises(openai.InternalServerError, match="boom"):
         client.completions.create(model="tiny", prompt=[5, 7], max_tokens=3)
     assert client.completions.create(model="tiny", prompt=[5, 6], max_tokens=3).choices
@@ -523,8 +523,8 @@ def test_a_non_streaming_client_that_goes_away_frees_its_row(server, monkeypatch
 
     bg, client = server
     engine = loaded(bg, "tiny").engine
-    step, seen = engine.runner.step, []
-    monkeypatch.setattr(engine.runner, "step", lambda *a: (time.sleep(0.02), step(*a))[1])  # 230 steps: 5 s
+    step, seen = engine.runner.run, []
+    monkeypatch.setattr(engine.runner, "run", lambda *a: (time.sleep(0.02), step(*a))[1])  # 230 steps: 5 s
     observe = engine.observe
     monkeypatch.setattr(engine, "observe", lambda event, v: (seen.append(v.finish_reason)
                                                               if event == "finished" else None, observe(event, v)))
@@ -564,8 +564,8 @@ def test_penalties_and_logit_bias_change_the_choice(server):
 def test_a_short_request_does_not_wait_for_a_long_one(server, monkeypatch):
     bg, client = server
     engine = loaded(bg, "tiny").engine
-    step = engine.runner.step
-    monkeypatch.setattr(engine.runner, "step", lambda *a: (time.sleep(0.01), step(*a))[1])  # ~10 ms a token
+    step = engine.runner.run
+    monkeypatch.setattr(engine.runner, "run", lambda *a: (time.sleep(0.01), step(*a))[1])  # ~10 ms a token
     done = {}
 
     def run(name, n):

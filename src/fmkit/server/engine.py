@@ -1,16 +1,17 @@
 """Continuous batching: one engine per loaded model, all engines stepped by one compute thread.
 
 An engine's KV cache has a fixed number of rows. A request's sequences (one per choice, `n`) wait in a bounded
-queue, take a free row when one is there, have their prompts prefilled in chunks of at most `chunk` tokens per
-iteration (so a long prompt never stalls the sequences already decoding for more than one chunk), and then advance
-one token per iteration together with every other decoding sequence, each at its own cache slot
-(`LlamaDecoder.step_rows`). A sequence leaves as soon as it is finished and its row goes to the next in the
-queue: nobody waits for the slowest.
+queue and take a free row when one is there. Each iteration is one call of the model (`LlamaDecoder.step_rows`)
+that advances every decoding sequence by one token, each at its own cache slot, and in the same call prefills up
+to `chunk` prompt tokens of the sequences that joined, first come first: a long prompt never stalls the others for
+more than one chunk, and a short one costs no call of its own. A sequence leaves as soon as it is finished and
+its row goes to the next in the queue: nobody waits for the slowest.
 
-Each sequence samples with its own seeded generator from its own logits, and the compiled step computes every row
-with the same arithmetic whatever else is in the batch, so a seeded (or greedy) request's text does not depend on
-its neighbours. A request that fails inside the model fails alone: a batch step that raises is retried row by row
-and only the rows that still raise are failed.
+Each sequence samples with its own seeded generator from its own logits, and the compiled step computes every
+token, prompt tokens included, with the same arithmetic whatever else is in the call, so a seeded (or greedy)
+request's text depends neither on its neighbours nor on where its prompt was cut into chunks. A request that fails
+inside the model fails alone: a call that raises is retried sequence by sequence and only those that still raise
+are failed.
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ class Engine:
 
     # ---- one iteration, run by the compute thread ----------------------------------------------------------------
     def iterate(self) -> None:
-        """Admit waiting sequences to free rows, prefill one chunk's worth, advance every decoding sequence."""
+        """Admit waiting sequences to free rows, then one call: every decoding sequence and a chunk of prompts."""
         with self.lock:
             while self.waiting and self.free:
                 seq = self.waiting.popleft()
@@ -164,26 +165,41 @@ class Engine:
     def _iterate(self) -> None:
         for seq in [s for s in self.prefilling + self.decoding if s.cancelled]:
             self._finish(seq, "cancelled")
-        self._prefill()
-        self._decode()
-
-    def _prefill(self) -> None:
-        """Up to `chunk` prompt tokens this iteration, from the sequences that joined first."""
-        budget = self.chunk
-        for seq in list(self.prefilling):
+        parts = [(s, [s.tokens[-1]], len(s.prompt) + len(s.tokens) - 1, "last") for s in self.decoding]
+        decoding = len(parts)   # the first parts; then prompt chunks
+        budget = self.chunk   # prompt tokens this call, from the sequences that joined first
+        for seq in self.prefilling:
             if budget <= 0:
                 break
             take = seq.prompt[seq.prefilled:seq.prefilled + budget]
-            every = seq.params.prompt_logprobs is not None
-            try:
-                logits = self.runner.prefill(seq.row, take, seq.prefilled, every)
-            except Exception as e:
-                self._fail(seq, e)
+            ends = seq.prefilled + len(take) == len(seq.prompt)
+            wants = "every" if seq.params.prompt_logprobs is not None else "last" if ends else "none"
+            parts.append((seq, take, seq.prefilled, wants))
+            budget -= len(take)
+        if not parts:
+            return
+        best = None
+        try:
+            logits, results = self._run(parts)
+            best = logits[:decoding].argmax(-1).tolist()   # the decoding parts' rows come first, one each
+        except Exception:   # find who fails; rewriting a slot is harmless
+            results = []
+            for part in parts:
+                try:
+                    results += self._run([part])[1]
+                except Exception as e:
+                    self._fail(part[0], e)
+                    results.append(None)
+        self.observe("batch", decoding)
+        for i, ((seq, take, start, wants), logits) in enumerate(zip(parts, results)):
+            if logits is None:
                 continue
-            if every:
+            if i < decoding:   # greedy rows without penalties take the batch's one argmax
+                self._advance(seq, logits[-1], best[i] if best is not None and _plain_greedy(seq) else None)
+                continue
+            if wants == "every":
                 self._prompt_logprobs(seq, take, logits)
             seq.prefilled += len(take)
-            budget -= len(take)
             if seq.prefilled == len(seq.prompt):
                 self.prefilling.remove(seq)
                 if seq.params.max_tokens == 0:
@@ -191,6 +207,22 @@ class Engine:
                 else:
                     self.decoding.append(seq)
                     self._advance(seq, logits[-1])
+
+    def _run(self, parts: list) -> tuple[torch.Tensor, list]:
+        """One call of the model for these (sequence, tokens, first slot, wanted logits) parts: a decoding
+        sequence's last token, or a chunk of a prompt. The logits, and each part's: its last token's, every
+        token's, or none."""
+        ids, rows, slots, want, spans = [], [], [], [], []
+        for seq, take, start, wants in parts:
+            at = len(ids)
+            ids += take
+            rows += [seq.row] * len(take)
+            slots += range(start, start + len(take))
+            picked = range(at, len(ids)) if wants == "every" else [len(ids) - 1] if wants == "last" else []
+            spans.append((len(want), len(want) + len(picked)))
+            want += picked
+        logits = self.runner.run(ids, rows, slots, want)
+        return logits, [logits[a:b] for a, b in spans]
 
     def _prompt_logprobs(self, seq: Sequence, chunk: list[int], logits: torch.Tensor) -> None:
         """Each prompt token's log-probability given the ones before it (the first has none)."""
@@ -206,31 +238,6 @@ class Engine:
         for row, t in zip(lp, chunk_tokens):
             seq.prompt_logprobs.append((t, row[t].item(), top_logprobs(row, k)))
         seq._prev = lp[-1]
-
-    def _decode(self) -> None:
-        live = [s for s in self.decoding if not s.finished]
-        if not live:
-            return
-        ids = [s.tokens[-1] for s in live]
-        slots = [len(s.prompt) + len(s.tokens) - 1 for s in live]
-        try:
-            logits = self.runner.step(ids, [s.row for s in live], slots)
-            rows = list(zip(live, logits))
-        except Exception:
-            rows = []
-            for s, i, slot in zip(live, ids, slots):  # find who fails; rewriting a slot is harmless
-                try:
-                    rows.append((s, self.runner.step([i], [s.row], [slot])[0]))
-                except Exception as e:
-                    self._fail(s, e)
-        self.observe("batch", len(live))
-        if len(rows) == len(live):   # greedy rows without penalties take one argmax over the batch
-            best = logits.argmax(-1).tolist()
-            for (seq, row), token in zip(rows, best):
-                self._advance(seq, row, token if _plain_greedy(seq) else None)
-        else:
-            for seq, row in rows:
-                self._advance(seq, row)
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, token: int | None = None) -> None:
         """Choose the sequence's next token from its logits (unless given), append it, finish it if it is done."""
@@ -384,24 +391,22 @@ def _plain_greedy(seq: Sequence) -> bool:
 
 
 class DecoderRunner:
-    """Llama-style models on fmkit's decoder: one KV cache of `rows` rows x `length` slots."""
+    """Llama-style models on fmkit's decoder: one KV cache of `rows` rows x `length` slots, and calls of up to
+    `rows + chunk` tokens (every decoding row plus a chunk of prompts)."""
 
-    def __init__(self, decoder, rows: int, length: int):
+    def __init__(self, decoder, rows: int, length: int, chunk: int = 256):
         self.decoder, self.rows, self.length = decoder, rows, length
-        self.cache = decoder.new_cache(rows, length)
+        self.cache = decoder.new_cache(rows, length, width=rows + chunk)
 
-    def prefill(self, row: int, ids: list[int], start: int, every: bool = False) -> torch.Tensor:
-        return self.decoder.prefill(row, ids, start, self.cache, every)
-
-    def step(self, ids: list[int], rows: list[int], slots: list[int]) -> torch.Tensor:
-        return self.decoder.step_rows(ids, rows, slots, self.cache)
+    def run(self, ids: list[int], rows: list[int], slots: list[int], want: list[int]) -> torch.Tensor:
+        return self.decoder.step_rows(ids, rows, slots, self.cache, want)
 
     def release(self, row: int) -> None:
         pass  # the next sequence overwrites the slots it attends to
 
 
 class HFRunner:
-    """Any other transformers causal LM: each sequence keeps its own transformers cache and steps alone. Correct
+    """Any other transformers causal LM: each sequence keeps its own transformers cache and runs alone. Correct
     for every architecture transformers runs, without the batched step's speed."""
 
     def __init__(self, model, rows: int, length: int):
@@ -409,14 +414,19 @@ class HFRunner:
         self.past: list = [None] * rows
 
     @torch.inference_mode()
-    def prefill(self, row: int, ids: list[int], start: int, every: bool = False) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.past[row] if start else None,
-                         use_cache=True)
-        self.past[row] = out.past_key_values
-        return out.logits[0].float() if every else out.logits[0, -1:].float()
-
-    def step(self, ids: list[int], rows: list[int], slots: list[int]) -> torch.Tensor:
-        return torch.cat([self.prefill(r, [t], s) for t, r, s in zip(ids, rows, slots)])
+    def run(self, ids: list[int], rows: list[int], slots: list[int], want: list[int]) -> torch.Tensor:
+        logits, at = [], 0
+        while at < len(ids):   # one forward per run of consecutive slots of one row
+            end = at + 1
+            while end < len(ids) and rows[end] == rows[at] and slots[end] == slots[end - 1] + 1:
+                end += 1
+            row = rows[at]
+            out = self.model(input_ids=torch.tensor([ids[at:end]]), past_key_values=self.past[row] if slots[at]
+                             else None, use_cache=True)
+            self.past[row] = out.past_key_values
+            logits.append(out.logits[0].float())
+            at = end
+        return torch.cat(logits)[want]
 
     def release(self, row: int) -> None:
         self.past[row] = None

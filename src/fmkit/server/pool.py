@@ -245,7 +245,7 @@ class Pool:
             if rows < 1:
                 raise FmkitError(f"a KV cache row of {name} needs {per_row >> 20} MiB ({length} positions); the "
                                  f"cache budget is {budget >> 20} MiB: raise --kv-cache-mb")
-            runner = DecoderRunner(decoder, rows, length)
+            runner = DecoderRunner(decoder, rows, length, self.chunk)
             weights = sum(p.numel() for p in model.parameters()) * DTYPES[dtype].itemsize
             nbytes = weights + per_row * rows
             del model
