@@ -141,9 +141,10 @@ static void matmul(const void *w, int bf16, const float *x, int64_t batch, int64
 static void head_row(const float *w, const float *x, int64_t n_in, int64_t n_out, float *y) {
     #pragma omp for schedule(static)
     for (int64_t o = 0; o < n_out; o++) {
+        const float *row = w + o * n_in;
         float t = 0;
         #pragma omp simd reduction(+:t)
-        for (int64_t j = 0; j < n_in; j++) t += w[o * n_in + j] * x[j];
+        for (int64_t j = 0; j < n_in; j++) t += row[j] * x[j];
         y[o] = t;
     }
 }
