@@ -150,7 +150,7 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
                     parse_keep_alive(keep, 0)
                 except ValueError as e:
                     raise P.invalid(str(e), "keep_alive") from None
-            served = await asyncio.to_thread(pool.get, name, keep)
+            served = pool.get_loaded(name, keep) or await asyncio.to_thread(pool.get, name, keep)
         except KeyError:
             raise P.APIError(404, f"The model '{name}' does not exist; this server serves: "
                                   f"{', '.join(pool.names()) or 'nothing'}", "model", "model_not_found") from None

@@ -155,10 +155,23 @@ class Pool:
                 if self.observe:
                     self.observe("loaded", served, name)
         with self.lock:
-            served.last_used = time.monotonic()
-            if keep_alive is not None:
-                served.keep_alive = parse_keep_alive(keep_alive, self.keep_alive)
+            self._touch(served, keep_alive)
         return served
+
+    def get_loaded(self, name: str, keep_alive=None) -> Served | None:
+        """The model if it is loaded now (then as `get`: call `done` after), else None; it never waits, so the
+        event loop can ask it without a thread hop, which cost a sixth of its time under load."""
+        with self.lock:
+            served = self.loaded.get(name)
+            if served is not None:
+                served.users += 1
+                self._touch(served, keep_alive)
+        return served
+
+    def _touch(self, served: Served, keep_alive) -> None:
+        served.last_used = time.monotonic()
+        if keep_alive is not None:
+            served.keep_alive = parse_keep_alive(keep_alive, self.keep_alive)
 
     def done(self, served: Served) -> None:
         with self.lock:
