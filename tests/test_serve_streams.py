@@ -51,9 +51,10 @@ def run_stream(make, seq) -> list[dict]:
         request = SimpleNamespace(is_disconnected=connected)
         ctx = dict(forced=False, tools=set(), screens={}, include_usage=False, prompt_tokens=3)
         out = []
-        async for line in make(job, ctx, request, "m"):
-            if line.startswith("data: {"):
-                out.append(json.loads(line[6:]))
+        async for text in make(job, ctx, request, "m"):
+            for event in text.split("\n\n"):   # several events may come in one write
+                if event.startswith("data: {"):
+                    out.append(json.loads(event[6:]))
             job.event.set()   # progress for the next round
         return out
 

@@ -296,24 +296,27 @@ async def _stream(job: Job, ctx: dict, request, head: dict, chunks, first=()):
     marks = {s.index: [0, 0] for s in job.seqs}
     open_ = list(job.seqs)
     try:
-        for chunk in first:
-            yield _sse({**chunk, **usage})
+        if first:
+            yield "".join(_sse({**chunk, **usage}) for chunk in first)
         while open_:
+            events = []   # one write per round: each is a send and a wake-up of the client
             for s in list(open_):
                 reason = s.finish_reason
                 if reason == "error":
-                    yield _sse({"error": {"message": f"the model failed on this request ({s.error})",
-                                          "type": "server_error", "param": None, "code": "model_error"}})
+                    events.append(_sse({"error": {"message": f"the model failed on this request ({s.error})",
+                                                  "type": "server_error", "param": None, "code": "model_error"}}))
                 else:
-                    for chunk in chunks(s, marks[s.index], reason is not None):
-                        yield _sse({**chunk, **usage})
+                    events += [_sse({**chunk, **usage}) for chunk in chunks(s, marks[s.index], reason is not None)]
                 if reason is not None:
                     open_.remove(s)
+            if not open_:
+                if ctx["include_usage"]:
+                    events.append(_sse({**head, "choices": [], "usage": job.usage(ctx["prompt_tokens"])}))
+                events.append("data: [DONE]\n\n")
+            if events:
+                yield "".join(events)
             if open_ and not await job.paced(request):
                 return
-        if ctx["include_usage"]:
-            yield _sse({**head, "choices": [], "usage": job.usage(ctx["prompt_tokens"])})
-        yield "data: [DONE]\n\n"
     finally:
         job.cancel()   # a client that went away frees its rows; finished sequences ignore this
 
