@@ -226,7 +226,9 @@ def test_sequences_joining_at_different_times_decode_as_if_alone(model_dir, use_
     seqs = []
     for p, r in zip(prompts, rows):   # in chunks of 3, as the engine would
         for start in range(0, len(p), 3):
-            logits = dec.prefill(r, p[start:start + 3], start, cache)
+            chunk = p[start:start + 3]
+            logits = dec.step_rows(chunk, [r] * len(chunk), list(range(start, start + len(chunk))), cache,
+                                   [len(chunk) - 1])
         seqs.append(p + [int(logits.argmax())])
     for _ in range(6):
         live = range(len(seqs)) if len(seqs[0]) < 11 else range(1, len(seqs))  # the first leaves early

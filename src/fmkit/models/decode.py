@@ -59,10 +59,14 @@ class Dense:
 
 
 class KVCache(list):
-    """One (2, batch, n_kv, length, head_dim) fp32 tensor per layer; `bound` holds the compiled step's view of it
-    and `width` the most token rows one step takes."""
+    """One (2, batch, n_kv, length, head_dim) fp32 tensor per layer; `bound` holds the compiled step's view of it."""
     bound = None
-    width = 0
+    extra = 0   # token rows one step may take beyond one per cache row (prompt chunks); set by new_cache
+
+    @property
+    def width(self) -> int:
+        """The most token rows one step takes: what the compiled step's scratch is sized for."""
+        return self[0].shape[1] + self.extra
 
 
 class LlamaDecoder:
@@ -124,7 +128,7 @@ class LlamaDecoder:
         `batch`), more where prompts are prefilled in the same call as the decoding rows."""
         shape = (2, batch, self.n_kv, length, self.head_dim)
         cache = KVCache(torch.zeros(shape, dtype=torch.float32) for _ in self.layers)
-        cache.width = max(width, batch)
+        cache.extra = max(width - batch, 0)
         return cache
 
     def _native_step(self, ids, positions, cache: KVCache, start: int, key_mask) -> torch.Tensor:
@@ -150,14 +154,6 @@ class LlamaDecoder:
                             bound.out.data_ptr(), None if logits is None else logits.data_ptr())
         return logits if logits is not None else self.head(bound.out.to(self.dtype)).float()
 
-    def prefill(self, row: int, ids: list[int], start: int, cache: KVCache, every: bool = False) -> torch.Tensor:
-        """Run one sequence's tokens through the model into its cache row at slots [start, start+len(ids)), as
-        one chunk of a longer prompt or all of it; logits (1, vocab) for its last token, or with `every`
-        (len(ids), vocab) for each of them. Other rows are untouched."""
-        view = [kv[:, row:row + 1] for kv in cache]  # a plain list: always the PyTorch path, writing through
-        positions = torch.arange(start, start + len(ids))[None]
-        return self.forward(torch.tensor([ids]), positions, view, start, None, every)[0 if every else slice(None)]
-
     @torch.inference_mode()
     def step_rows(self, ids: list[int], rows: list[int], slots: list[int], cache: KVCache,
                   want: list[int] | None = None) -> torch.Tensor:
@@ -170,7 +166,7 @@ class LlamaDecoder:
         In the compiled step every token's arithmetic is the same whatever else is in the call, so a sequence's
         tokens, prompt included, never depend on its neighbours or on how its prompt was split."""
         n, length = len(ids), cache[0].shape[3]
-        width = max(cache.width, cache[0].shape[1]) if isinstance(cache, KVCache) else n
+        width = cache.width if isinstance(cache, KVCache) else n
         if not (0 < n <= width and len(rows) == len(slots) == n and 0 <= min(ids) <= max(ids) < len(self.embed)
                 and 0 <= min(rows) <= max(rows) < cache[0].shape[1] and len(set(zip(rows, slots))) == n
                 and 0 <= min(slots) <= max(slots) < min(length, self.max_positions)):
@@ -274,7 +270,7 @@ class _Bound:
             self.keep.append(arr)
             return arr
 
-        self.width = getattr(cache, "width", self.batch)
+        self.width = cache.width
         inter = dec.layers[0][4].wt.shape[1] // 2
         m = native.Model(batch=self.batch, width=self.width, hidden=dec.embed.shape[1], n_heads=dec.n_heads, n_kv=dec.n_kv,
                          head_dim=dec.head_dim, inter=inter, n_layers=len(dec.layers), cache_len=self.length,
