@@ -136,10 +136,7 @@ class Pool:
         with self.lock:
             gate = self.loading.setdefault(name, threading.Lock())
         with gate:   # one load per name at a time; other names load in parallel
-            with self.lock:   # counted as used at once, so the sweeper cannot unload it from under the request
-                served = self.loaded.get(name)
-                if served is not None:
-                    served.users += 1
+            served = self.get_loaded(name, keep_alive)   # counted as used at once: the sweeper leaves it alone
             if served is None:
                 try:
                     served = self.compute.run(self._load, name)
@@ -152,10 +149,9 @@ class Pool:
                 with self.lock:
                     self._make_room(served.nbytes)
                     self.loaded[name] = served
+                    self._touch(served, keep_alive)
                 if self.observe:
                     self.observe("loaded", served, name)
-        with self.lock:
-            self._touch(served, keep_alive)
         return served
 
     def get_loaded(self, name: str, keep_alive=None) -> Served | None:
