@@ -415,7 +415,8 @@ class HFRunner:
 
     @torch.inference_mode()
     def run(self, ids: list[int], rows: list[int], slots: list[int], want: list[int]) -> torch.Tensor:
-        logits, at = [], 0
+        """`DecoderRunner.run`'s contract; `want` ascending, as the engine builds it."""
+        logits, at, wanted = [], 0, set(want)
         while at < len(ids):   # one forward per run of consecutive slots of one row
             end = at + 1
             while end < len(ids) and rows[end] == rows[at] and slots[end] == slots[end - 1] + 1:
@@ -424,9 +425,9 @@ class HFRunner:
             out = self.model(input_ids=torch.tensor([ids[at:end]]), past_key_values=self.past[row] if slots[at]
                              else None, use_cache=True)
             self.past[row] = out.past_key_values
-            logits.append(out.logits[0].float())
+            logits.append(out.logits[0, [i - at for i in range(at, end) if i in wanted]].float())
             at = end
-        return torch.cat(logits)[want]
+        return torch.cat(logits)
 
     def release(self, row: int) -> None:
         self.past[row] = None
