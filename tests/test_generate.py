@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fmkit.errors import FmkitError
-from fmkit.models.generate import Generator, sample_next
+from fmkit.models.generate import Generator, argmax_rows, sample_next
 from fmkit.models import native
 from fmkit.models.build import build_model, model_config
 from fmkit.models.decode import LlamaDecoder
@@ -43,6 +43,21 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     gen = torch.Generator().manual_seed(0)
     draws = {int(sample_next(logits, 1.0, 0, 0.75, gen)) for _ in range(300)}
     assert draws == {0, 1}
+
+
+@pytest.mark.parametrize("vocab", [5, 128, 200, 4096, 50257])
+def test_argmax_rows_gives_torch_argmax(vocab):
+    """Ties go to the first maximum, NaN counts as the maximum, and the values past the last whole block count."""
+    g = torch.Generator().manual_seed(vocab)
+    cases = [torch.randn(16, vocab, generator=g), torch.randint(0, 3, (16, vocab), generator=g).float(),
+             torch.full((3, vocab), float("-inf")), torch.randn(1, vocab, generator=g)]
+    nan = torch.randn(4, vocab, generator=g)
+    nan[0, vocab // 2] = nan[1, -1] = nan[2, 0] = nan[2, -1] = float("nan")
+    tail = torch.randn(4, vocab, generator=g)
+    tail[:, -1] = 50.0
+    tail[1, 0] = 50.0   # a tie between the first block and the tail: the first wins
+    for x in cases + [nan, tail]:
+        assert torch.equal(argmax_rows(x), x.argmax(-1))
 
 
 def test_stop_strings_cut_the_text(model_dir):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.generate import IncrementalText
+from ..models.generate import IncrementalText, argmax_rows
 from .sampling import choose, top_logprobs
 
 
@@ -181,7 +181,7 @@ class Engine:
         best = None
         try:
             logits, results = self._run(parts)
-            best = logits[:decoding].argmax(-1).tolist()   # the decoding parts' rows come first, one each
+            best = argmax_rows(logits[:decoding]).tolist()   # the decoding parts' rows come first, one each
         except Exception:   # find who fails; rewriting a slot is harmless
             results = []
             for part in parts:
