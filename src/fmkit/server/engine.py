@@ -103,7 +103,7 @@ class Engine:
         self.compute.add(self)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.text_of.encode(text)
 
     @property
     def context(self) -> int:
@@ -373,8 +373,9 @@ class Compute:
 
 
 class _Decoder:
-    """tok.decode, straight to the Rust tokenizer where that gives the same text (a fast tokenizer that cleans
-    up no spaces): transformers' wrapper costs ~20 us a call in Python, and the engine decodes twice per token."""
+    """tok.decode and tok's encoding without special tokens, straight to the Rust tokenizer where that gives the
+    same result: transformers' wrapper costs ~20 us a call in Python, the engine decodes twice per token, and
+    tok(text) goes through the batch encoder, whose thread pool wakes for a single prompt."""
 
     def __init__(self, tok):
         backend = getattr(tok, "backend_tokenizer", None)
@@ -382,6 +383,10 @@ class _Decoder:
             self.decode = lambda ids: backend.decode(ids, skip_special_tokens=False)
         else:
             self.decode = tok.decode
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            self.encode = lambda text: backend.encode(text, add_special_tokens=False).ids
+        else:
+            self.encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
 
 
 def _plain_greedy(seq: Sequence) -> bool:

@@ -192,7 +192,7 @@ def chat_job(served, body: dict, policy=None):
     except Exception as e:  # the template's own checks (alternating roles, ...) are the user's to fix
         raise P.invalid(f"the chat template rejected these messages: {str(e).splitlines()[0][:300]}",
                         "messages", "invalid_messages") from None
-    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    prompt = served.engine.encode(text)
     room = served.context - len(prompt)
     max_tokens = limit if limit is not None else max(room, 1)
     params = P.params(body, len(tok), max_tokens, (top or 0) if logprobs else None)
@@ -344,7 +344,7 @@ def completion_job(served, body: dict, policy=None):
     params = P.params(body, len(tok), max_tokens, logprobs)
     if echo and logprobs is not None:
         params.prompt_logprobs = logprobs
-    ids = [p if isinstance(p, list) else (tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    ids = [p if isinstance(p, list) else served.engine.encode(p) for p in prompts]
     if not all(ids):
         raise P.invalid("'prompt' must not be empty", "prompt", "empty_prompt")
     seqs = [Sequence(i, dataclasses.replace(params), k * n + j) for k, i in enumerate(ids) for j in range(n)]
