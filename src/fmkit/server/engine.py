@@ -98,12 +98,12 @@ class Engine:
         self._notes: dict[int, object] = {}
         self.notify_every = notify_every   # seconds between hand-overs of progress (first tokens, ends: at once)
         self._urgent, self._delivered = False, 0.0
-        self.text_of = _Decoder(tok)
+        self.codec = _Codec(tok)
         self.compute = compute or Compute.default()
         self.compute.add(self)
 
     def encode(self, text: str) -> list[int]:
-        return self.text_of.encode(text)
+        return self.codec.encode(text)
 
     @property
     def context(self) -> int:
@@ -257,7 +257,7 @@ class Engine:
                 lp = torch.log_softmax(logits.float(), -1)
                 seq.logprobs.append((token, lp[token].item(), top_logprobs(lp, p.logprobs)))
             if seq._text is None:
-                seq._text = IncrementalText(self.text_of)
+                seq._text = IncrementalText(self.codec)
                 seq.t_first = time.monotonic()
             text = seq._text.add(seq.tokens)
             hit = [text.index(s) for s in p.stop if s in text]
@@ -283,7 +283,7 @@ class Engine:
         if seq.finished:
             return
         if reason in ("stop", "length") and seq._text is not None:
-            full = self.text_of.decode(seq.tokens)
+            full = self.codec.decode(seq.tokens)
             hit = [full.index(s) for s in seq.params.stop if s in full]
             seq.text = full[:min(hit)] if hit else full
             seq.visible = seq.text
@@ -372,7 +372,7 @@ class Compute:
                 engine.iterate()
 
 
-class _Decoder:
+class _Codec:
     """tok.decode and tok's encoding without special tokens, straight to the Rust tokenizer where that gives the
     same result: transformers' wrapper costs ~20 us a call in Python, the engine decodes twice per token, and
     tok(text) goes through the batch encoder, whose thread pool wakes for a single prompt."""
