@@ -3,6 +3,7 @@ of it and the packaged all-MiniLM-L6-v2."""
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import socket
@@ -12,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
@@ -317,10 +319,14 @@ def test_keep_alive_unloads_an_idle_model(server):
     bg, client = server
     pool = bg.app.state.pool
     chat(client, model="tiny-lora", extra_body={"keep_alive": 0})
+    engine = weakref.ref(pool.loaded["tiny-lora"].engine)
+    assert gc.get_freeze_count() > 0   # what was loaded is out of the full collections' way
     deadline = time.time() + 10
     while "tiny-lora" in pool.loaded and time.time() < deadline:
         time.sleep(0.1)
     assert "tiny-lora" not in pool.loaded and "tiny" in pool.loaded
+    time.sleep(0.2)   # the sweep that unloaded it also settles the heap
+    assert engine() is None   # its weights and cache are freed, not held until the next load
     metrics = urllib.request.urlopen(bg.url.replace("/v1", "/metrics")).read().decode()
     assert 'fmkit_model_unloaded_total{model="tiny-lora"} 1' in metrics
     assert chat(client, model="tiny-lora").choices      # loaded again on the next request

@@ -370,6 +370,9 @@ class Compute:
                     done.set_exception(e)
             for engine in engines:
                 engine.iterate()
+            # nothing of this pass outlives it: a model unloaded meanwhile (the last load's result, an engine
+            # stepped last) would stay in memory while this thread waits for work
+            job = done = fn = args = engine = engines = None
 
 
 class _Codec:

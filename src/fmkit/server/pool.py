@@ -10,6 +10,7 @@ merged into a copy of it in memory, so switching adapters per request never relo
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import threading
@@ -150,6 +151,7 @@ class Pool:
                     self._make_room(served.nbytes)
                     self.loaded[name] = served
                     self._touch(served, keep_alive)
+                settle_heap()
                 if self.observe:
                     self.observe("loaded", served, name)
         return served
@@ -181,6 +183,8 @@ class Pool:
             for name, s in list(self.loaded.items()):
                 if self._idle(s) and now - s.last_used >= s.keep_alive:
                     gone.append(self._unload(name))
+        if gone:
+            settle_heap()
         return gone
 
     def unload(self, name: str) -> bool:
@@ -192,7 +196,8 @@ class Pool:
             if not self._idle(served):
                 return False
             self._unload(name)
-            return True
+        settle_heap()
+        return True
 
     def close(self) -> None:
         for s in list(self.loaded.values()):
@@ -279,6 +284,16 @@ class Pool:
         if key not in self.bases:
             self.bases[key] = ref.base.load(self.trust_pickle)
         return PeftModel.from_pretrained(copy.deepcopy(self.bases[key]), str(ref.path)).merge_and_unload().eval()
+
+
+def settle_heap() -> None:
+    """Leave what is alive now (imports, loaded models, tokenizers: ~400k objects) out of the cyclic garbage
+    collector's full passes, which otherwise stop every thread for 0.1-0.3 s whenever enough new objects have
+    outlived two younger passes: on two cores under load that was a sixth of a 1.5 s measurement. Called after a
+    model is loaded or unloaded; what an unloaded model left in cycles is collected first."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _template(tok, ref: ModelRef) -> str:
