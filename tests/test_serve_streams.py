@@ -22,20 +22,17 @@ class FinishesWhenRead(Sequence):
     def __init__(self, reads: int):
         super().__init__([1, 2, 3], Params(max_tokens=8))
         self.reads = reads
-        self.text = self._visible = FULL[:10]
+        self._text = self._visible = FULL[:10]
 
     @property
     def visible(self) -> str:
         shown = self._visible
         self.reads -= 1
-        if self.reads == 0:   # what Engine._finish writes, in its order: the text, then the reason
-            self.text = self._visible = FULL
+        if self.reads == 0:   # what Engine._finish writes, in its order: the whole text, then the reason
+            self._text = self._visible = FULL
+            self._final = True
             self.finish_reason = "length"
         return shown
-
-    @visible.setter
-    def visible(self, value: str) -> None:
-        self._visible = value
 
 
 def run_stream(make, seq) -> list[dict]:

@@ -55,13 +55,16 @@ class Params:
 
 class Sequence:
     """One choice of one request, as the engine advances it. The engine thread writes; readers (the HTTP side)
-    only read fields that are replaced whole (str, tuple) or appended to (lists), and are told by `notify`."""
+    only read fields that are replaced whole (str, tuple) or appended to (lists), and are told by `notify`.
+
+    The text of a sequence without stop strings or a JSON guide is decoded when it is read, from the tokens so
+    far: a stream reads it once a round, not once a token, and the engine thread, whose every microsecond delays
+    every row, does not decode at all until the sequence finishes. The others are decoded token by token on the
+    engine thread, which must see the text to stop it."""
 
     def __init__(self, prompt: list[int], params: Params, index: int = 0, notify=None):
         self.prompt, self.params, self.index, self.notify = prompt, params, index, notify
         self.tokens: list[int] = []
-        self.text = ""                    # the completion so far (cut at a stop string when one is hit)
-        self.visible = ""                 # what may be shown while streaming (never part of a possible stop)
         self.logprobs: list[tuple] = []   # per token: (id, logprob, [(id, logprob), ...])
         self.prompt_logprobs: list[tuple] | None = None  # per prompt token, the first None
         self.finish_reason: str | None = None  # stop | length | error | cancelled
@@ -73,8 +76,23 @@ class Sequence:
         seed = params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,)))
         self.gen = torch.Generator().manual_seed(seed + index * 1_000_003)  # choices of one seed differ
         self.t_submit, self.t_first, self.t_done = time.monotonic(), 0.0, 0.0
-        self._text = None                 # IncrementalText once the first token is there
+        self.on_read = not params.stop and params.guide is None   # text decoded by its readers
+        self._inc = None                  # IncrementalText once the first token is there
+        self._text = self._visible = ""   # written by the engine (finished sequences, and the others as they go)
+        self._final = False               # _text is the whole completion
         self._prev = None                 # log-probabilities after the last prefilled chunk (echo)
+
+    @property
+    def text(self) -> str:
+        """The completion so far (cut at a stop string when one is hit)."""
+        if self._final or not self.on_read or self._inc is None:
+            return self._text
+        return self._inc.add(self.tokens[:])   # a copy: the engine thread may append meanwhile
+
+    @property
+    def visible(self) -> str:
+        """What may be shown while streaming: never part of a possible stop string."""
+        return self.text if self.on_read or self._final else self._visible
 
     @property
     def finished(self) -> bool:
@@ -178,27 +196,33 @@ class Engine:
             budget -= len(take)
         if not parts:
             return
-        best = None
         try:
-            logits, results = self._run(parts)
+            logits, spans = self._run(parts)
             best = argmax_rows(logits[:decoding]).tolist()   # the decoding parts' rows come first, one each
+            chunks = [logits[a:b] for a, b in spans[decoding:]]
         except Exception:   # find who fails; rewriting a slot is harmless
-            results = []
+            logits, outs = None, []
             for part in parts:
                 try:
-                    results += self._run([part])[1]
+                    outs.append(self._run([part])[0])
                 except Exception as e:
                     self._fail(part[0], e)
-                    results.append(None)
+                    outs.append(None)
+            chunks = outs[decoding:]
         self.observe("batch", decoding)
-        for i, ((seq, take, start, wants), logits) in enumerate(zip(parts, results)):
-            if logits is None:
-                continue
-            if i < decoding:   # greedy rows without penalties take the batch's one argmax
-                self._advance(seq, logits[-1], best[i] if best is not None and _plain_greedy(seq) else None)
+        for i, (seq, _, _, _) in enumerate(parts[:decoding]):
+            if logits is None:   # retried alone: its own row of logits, unless it failed
+                if outs[i] is not None:
+                    self._advance(seq, outs[i][-1])
+            elif _plain_greedy(seq):   # greedy without penalties or logprobs: the batch's argmax, no logits
+                self._advance(seq, None, best[i])
+            else:
+                self._advance(seq, logits[i], best[i] if _plain_greedy(seq, logprobs_too=True) else None)
+        for (seq, take, start, wants), out in zip(parts[decoding:], chunks):
+            if out is None:
                 continue
             if wants == "every":
-                self._prompt_logprobs(seq, take, logits)
+                self._prompt_logprobs(seq, take, out)
             seq.prefilled += len(take)
             if seq.prefilled == len(seq.prompt):
                 self.prefilling.remove(seq)
@@ -206,12 +230,12 @@ class Engine:
                     self._finish(seq, "length")
                 else:
                     self.decoding.append(seq)
-                    self._advance(seq, logits[-1])
+                    self._advance(seq, out[-1])
 
     def _run(self, parts: list) -> tuple[torch.Tensor, list]:
         """One call of the model for these (sequence, tokens, first slot, wanted logits) parts: a decoding
-        sequence's last token, or a chunk of a prompt. The logits, and each part's: its last token's, every
-        token's, or none."""
+        sequence's last token, or a chunk of a prompt. The logits, and each part's span of rows in them: its last
+        token's, every token's, or none."""
         ids, rows, slots, want, spans = [], [], [], [], []
         for seq, take, start, wants in parts:
             at = len(ids)
@@ -221,8 +245,7 @@ class Engine:
             picked = range(at, len(ids)) if wants == "every" else [len(ids) - 1] if wants == "last" else []
             spans.append((len(want), len(want) + len(picked)))
             want += picked
-        logits = self.runner.run(ids, rows, slots, want)
-        return logits, [logits[a:b] for a, b in spans]
+        return self.runner.run(ids, rows, slots, want), spans
 
     def _prompt_logprobs(self, seq: Sequence, chunk: list[int], logits: torch.Tensor) -> None:
         """Each prompt token's log-probability given the ones before it (the first has none)."""
@@ -239,7 +262,7 @@ class Engine:
             seq.prompt_logprobs.append((t, row[t].item(), top_logprobs(row, k)))
         seq._prev = lp[-1]
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor, token: int | None = None) -> None:
+    def _advance(self, seq: Sequence, logits: torch.Tensor | None, token: int | None = None) -> None:
         """Choose the sequence's next token from its logits (unless given), append it, finish it if it is done."""
         try:
             p = seq.params
@@ -256,19 +279,18 @@ class Engine:
             if p.logprobs is not None:
                 lp = torch.log_softmax(logits.float(), -1)
                 seq.logprobs.append((token, lp[token].item(), top_logprobs(lp, p.logprobs)))
-            if seq._text is None:
-                seq._text = IncrementalText(self.codec)
+            if seq._inc is None:
+                seq._inc = IncrementalText(self.codec)
                 seq.t_first = time.monotonic()
-            text = seq._text.add(seq.tokens)
-            hit = [text.index(s) for s in p.stop if s in text]
-            if hit:
-                seq.text = seq.visible = text[:min(hit)]
-                return self._finish(seq, "stop")
-            seq.text = text
-            hold = max((len(s) for s in p.stop), default=1) - 1
-            seq.visible = text[:len(text) - hold] if hold else text
-            if p.guide is not None and not seq.forced and p.guide.constraint.complete(text):
-                return self._finish(seq, "stop")
+            if not seq.on_read:
+                text = seq._inc.add(seq.tokens)
+                hit = [text.index(s) for s in p.stop if s in text]
+                if hit:
+                    return self._finish(seq, "stop")
+                hold = max((len(s) for s in p.stop), default=1) - 1
+                seq._text, seq._visible = text, text[:len(text) - hold] if hold else text
+                if p.guide is not None and not seq.forced and p.guide.constraint.complete(text):
+                    return self._finish(seq, "stop")
             if len(seq.tokens) >= p.max_tokens or len(seq.prompt) + len(seq.tokens) >= self.context:
                 return self._finish(seq, "length")
             self._note(seq, len(seq.tokens) == 1)
@@ -282,11 +304,11 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.finished:
             return
-        if reason in ("stop", "length") and seq._text is not None:
+        if reason in ("stop", "length") and seq._inc is not None:   # the whole text, then the reason
             full = self.codec.decode(seq.tokens)
             hit = [full.index(s) for s in seq.params.stop if s in full]
-            seq.text = full[:min(hit)] if hit else full
-            seq.visible = seq.text
+            seq._text = seq._visible = full[:min(hit)] if hit else full
+            seq._final = True
         seq.t_done = time.monotonic()
         seq.finish_reason = reason
         for group in (self.prefilling, self.decoding):
@@ -392,10 +414,11 @@ class _Codec:
             self.encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _plain_greedy(seq: Sequence) -> bool:
+def _plain_greedy(seq: Sequence, logprobs_too: bool = False) -> bool:
+    """Whether the batch's argmax is this sequence's token (and, unless `logprobs_too`, its logits unused)."""
     p = seq.params
     return (p.temperature <= 0 and not p.logit_bias and not p.presence_penalty and not p.frequency_penalty
-            and p.guide is None and not seq.forced)
+            and p.guide is None and not seq.forced and (logprobs_too or p.logprobs is None))
 
 
 class DecoderRunner:
