@@ -16,6 +16,7 @@ are failed.
 from __future__ import annotations
 
 import collections
+import random
 import threading
 import time
 from concurrent.futures import Future
@@ -73,8 +74,9 @@ class Sequence:
         self.row: int | None = None
         self.prefilled = 0
         self.forced: list[int] = []
-        seed = params.seed if params.seed is not None else int(torch.randint(1 << 62, (1,)))
-        self.gen = torch.Generator().manual_seed(seed + index * 1_000_003)  # choices of one seed differ
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        self.seed = seed + index * 1_000_003   # choices of one seed differ
+        self._gen = None
         self.t_submit, self.t_first, self.t_done = time.monotonic(), 0.0, 0.0
         self.on_read = not params.stop and params.guide is None   # text decoded by its readers
         self._inc = None                  # IncrementalText once the first token is there
@@ -97,6 +99,14 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def gen(self) -> torch.Generator:
+        """The sequence's own random generator, made when it first samples (greedy ones never do; making one
+        is a torch call that gives up the event loop's hold on the interpreter)."""
+        if self._gen is None:
+            self._gen = torch.Generator().manual_seed(self.seed)
+        return self._gen
 
 
 class Engine:
