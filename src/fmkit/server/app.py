@@ -12,7 +12,7 @@ import math
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FmkitError
@@ -188,8 +188,7 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
                         yield chunk
                 finally:
                     finish()
-            return StreamingResponse(chunks(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return G.EventStream(chunks(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             result = await whole(job, ctx, request, name)
         finally:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import random
 import time
-import uuid
+
+from starlette.responses import StreamingResponse
 
 from . import protocol as P
 from .engine import PromptTooLong, QueueFull, Sequence
@@ -78,6 +80,12 @@ class Job:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
 
+def _token() -> str:
+    """24 random hex digits for a response id: uuid4 reads the OS's random source, a call that lets go of the
+    interpreter lock, and under load the event loop then waited ~0.3 ms for the compute thread to hand it back."""
+    return f"{random.getrandbits(96):024x}"
+
+
 def _run_all(notes) -> None:
     for note in notes:
         note()
@@ -104,6 +112,24 @@ def _entry(tok, token: int, logprob: float, top: list) -> dict:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class Last(str):
+    """A stream's last write: `EventStream` ends the response body with it, in the same send."""
+
+
+class EventStream(StreamingResponse):
+    """A server-sent-event response whose `Last` write also ends the chunked body. Starlette sends the end in a
+    write of its own, and each write is a system call and a wake-up of the client."""
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for chunk in self.body_iterator:
+            ended = isinstance(chunk, Last)
+            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 # ---- output policy ---------------------------------------------------------------------------------------------
@@ -239,7 +265,7 @@ async def chat_response(job: Job, ctx: dict, request, model: str) -> dict | None
         lp = {"content": [_entry(tok, *e) for e in s.logprobs], "refusal": None} \
             if s.params.logprobs is not None else None
         choices.append({"index": s.index, "message": message, "logprobs": lp, **_end(s, screen, True, reason)})
-    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+    return {"id": f"chatcmpl-{_token()}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": job.served.fingerprint, "choices": choices,
             "usage": job.usage(ctx["prompt_tokens"])}
 
@@ -248,7 +274,7 @@ async def chat_stream(job: Job, ctx: dict, request, model: str):
     """SSE chunks: the role first, then content deltas, then each choice's finish_reason, then (with
     include_usage) one chunk with empty choices and the usage, then [DONE]. Replies that may turn into tool
     calls are sent whole at the end."""
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
+    head = {"id": f"chatcmpl-{_token()}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": model, "system_fingerprint": job.served.fingerprint}
     tok, hold = job.served.tok, bool(ctx["forced"] or ctx["tools"])
 
@@ -284,10 +310,11 @@ async def chat_stream(job: Job, ctx: dict, request, model: str):
 
 
 async def _stream(job: Job, ctx: dict, request, head: dict, chunks, first=()):
-    """What both endpoints' streams share: `first`, then, until every sequence has finished, the chunks
-    `chunks(seq, mark, done)` makes from a sequence's progress (mark: [characters sent, logprob entries sent]), at
-    most one round per stream interval; a sequence that failed gets an error event; then the usage chunk (with
-    include_usage, when every other chunk carries "usage": null) and [DONE].
+    """What both endpoints' streams share: until every sequence has finished, the chunks `chunks(seq, mark, done)`
+    makes from a sequence's progress (mark: [characters sent, logprob entries sent]), at most one round per stream
+    interval, `first` going out with the first round that has any; a sequence that failed gets an error event;
+    then the usage chunk (with include_usage, when every other chunk carries "usage": null) and [DONE], in the
+    `Last` write.
 
     The engine thread may finish a sequence between any two reads made here, so each round reads its finish
     reason once, before its text, and decides everything from that: reading it twice once sent a finish chunk
@@ -296,8 +323,7 @@ async def _stream(job: Job, ctx: dict, request, head: dict, chunks, first=()):
     marks = {s.index: [0, 0] for s in job.seqs}
     open_ = list(job.seqs)
     try:
-        if first:
-            yield "".join(_sse({**chunk, **usage}) for chunk in first)
+        held = [_sse({**chunk, **usage}) for chunk in first]   # sent with the first text, not before it
         while open_:
             events = []   # one write per round: each is a send and a wake-up of the client
             for s in list(open_):
@@ -313,9 +339,12 @@ async def _stream(job: Job, ctx: dict, request, head: dict, chunks, first=()):
                 if ctx["include_usage"]:
                     events.append(_sse({**head, "choices": [], "usage": job.usage(ctx["prompt_tokens"])}))
                 events.append("data: [DONE]\n\n")
+                yield Last("".join(held + events))
+                return
             if events:
-                yield "".join(events)
-            if open_ and not await job.paced(request):
+                yield "".join(held + events)
+                held = []
+            if not await job.paced(request):
                 return
     finally:
         job.cancel()   # a client that went away frees its rows; finished sequences ignore this
@@ -382,13 +411,13 @@ async def completion_response(job: Job, ctx: dict, request, model: str) -> dict 
         screen = ctx["screens"].get(s.index)   # echoed prompts leave the server too, so they are screened
         choices.append({"index": s.index, "text": screen.whole(text) if screen else text, **_end(s, screen, True),
                         "logprobs": _completion_logprobs(tok, s, ctx["echo"], s.params.logprobs)})
-    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+    return {"id": f"cmpl-{_token()}", "object": "text_completion", "created": int(time.time()),
             "model": model, "system_fingerprint": job.served.fingerprint, "choices": choices,
             "usage": job.usage(ctx["prompt_tokens"])}
 
 
 async def completion_stream(job: Job, ctx: dict, request, model: str):
-    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+    head = {"id": f"cmpl-{_token()}", "object": "text_completion", "created": int(time.time()),
             "model": model, "system_fingerprint": job.served.fingerprint}
     tok = job.served.tok
 
