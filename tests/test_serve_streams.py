@@ -39,6 +39,7 @@ def run_stream(make, seq) -> list[dict]:
     async def go():
         job = G.Job.__new__(G.Job)
         job.seqs, job.event, job.asked, job.interval, job.sent = [seq], asyncio.Event(), time.monotonic(), 0.0, 0.0
+        job.finished = asyncio.Event()
         job.served = SimpleNamespace(fingerprint="fp_test", tok=None)
         job.event.set()
 
@@ -74,3 +75,45 @@ def test_completion_stream_sends_the_whole_text_when_the_sequence_finishes_mid_r
     reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
     assert text == FULL
     assert reasons == ["length"]
+
+
+def test_the_end_of_a_stream_is_not_held_back_by_the_stream_interval():
+    """A stream sends at most one chunk per interval, but a sequence that finishes while its stream waits out
+    the interval is sent at once: its client sends the next request only when it has seen the end."""
+    seq = Sequence([1, 2, 3], Params(max_tokens=8))
+    seq._text = FULL[:10]
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        job = G.Job.__new__(G.Job)
+        job.seqs, job.event, job.finished = [seq], asyncio.Event(), asyncio.Event()
+        job.asked, job.interval, job.sent = time.monotonic(), 10.0, 0.0
+        job.served = SimpleNamespace(fingerprint="fp_test", tok=None)
+
+        def progress():   # what the engine thread's notes do, on the event loop: more text, then the end
+            seq._text = FULL[:20]
+            job._moved()
+
+        def end():
+            seq._text, seq._final, seq.finish_reason = FULL, True, "length"
+            job._moved()
+
+        async def connected():
+            return False
+
+        ctx = dict(forced=False, tools=set(), screens={}, include_usage=False, prompt_tokens=3)
+        start, writes = time.monotonic(), []
+        job.event.set()
+        async for text in G.chat_stream(job, ctx, SimpleNamespace(is_disconnected=connected), "m"):
+            writes.append((time.monotonic() - start, text))
+            if len(writes) == 1:
+                loop.call_later(0.05, progress)   # wakes the stream, which then waits out the interval...
+                loop.call_later(0.2, end)         # ...during which the sequence finishes
+        return writes
+
+    writes = asyncio.run(asyncio.wait_for(go(), 5))
+    assert writes[-1][0] < 2, "the end waited for the stream interval"
+    assert isinstance(writes[-1][1], G.Last) and writes[-1][1].endswith("data: [DONE]\n\n")
+    deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content") or ""
+              for _, text in writes for e in text.split("\n\n") if e.startswith("data: {")]
+    assert "".join(deltas) == FULL

@@ -3,6 +3,7 @@ engine's progress becomes OpenAI responses, whole or as server-sent-event chunks
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import random
@@ -20,11 +21,12 @@ class Job:
 
     def __init__(self, served, seqs: list[Sequence], param: str):
         self.served, self.seqs = served, seqs
-        self.event, self.asked = asyncio.Event(), time.monotonic()
+        self.event, self.finished, self.asked = asyncio.Event(), asyncio.Event(), time.monotonic()
         self.interval, self.sent = 0.0, 0.0   # streams: the least time between chunks (set by the app)
         loop = asyncio.get_running_loop()
+        moved = self._moved   # one callable for all its sequences: the engine hands over each once per round
         for s in seqs:
-            s.notify = self.event.set
+            s.notify = moved
         served.engine.deliver = lambda notes: loop.call_soon_threadsafe(_run_all, notes)
         try:
             served.engine.submit(seqs)
@@ -56,14 +58,23 @@ class Job:
 
     async def paced(self, request) -> bool:
         """`wait`, then for streams at most one chunk per `interval` seconds: the tokens of a faster stream
-        arrive several to a chunk, which costs the server and the client a fraction of one chunk per token."""
+        arrive several to a chunk, which costs the server and the client a fraction of one chunk per token. The
+        end is not held back: a job that finishes meanwhile goes on at once (a client sends its next request
+        only when it has seen the end)."""
         if not await self.wait(request):
             return False
         rest = self.sent + self.interval - time.monotonic()
         if rest > 0 and not self.done:
-            await asyncio.sleep(rest)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.finished.wait(), rest)
         self.sent = time.monotonic()
         return True
+
+    def _moved(self) -> None:
+        """A note from the engine (run on the event loop): progress, and perhaps the end."""
+        self.event.set()
+        if self.done:
+            self.finished.set()
 
     def cancel(self) -> None:
         for s in self.seqs:
