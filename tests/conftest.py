@@ -86,3 +86,30 @@ def one_thread():
 def llama(tmp_path_factory, tokenizer_dir):
     """The tiny fmkit Llama (128 positions) in a folder of its own, for one test module."""
     return save_fmkit_llama(tokenizer_dir, tmp_path_factory.mktemp("llama") / "model", 128)
+
+
+def make_adapter(base, out):
+    """A LoRA adapter of the model at `base`, saved at `out`, with B initialised so that it changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fmkit.workspace import write_manifest
+
+    torch.manual_seed(3)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    net = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)   # a LoRA that changes the outputs
+    net.save_pretrained(out)
+    write_manifest(out, {"kind": "adapter", "parent_model": str(base)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def serve_folders(tmp_path_factory, tokenizer_dir):
+    """A tiny fmkit Llama ("tiny", 256 positions) and a LoRA adapter of it ("tiny-lora") that changes its outputs."""
+    root = tmp_path_factory.mktemp("serve")
+    base = save_fmkit_llama(tokenizer_dir, root / "tiny", 256)
+    return {"root": root, "base": base, "adapter": make_adapter(base, root / "tiny-lora")}

@@ -10,7 +10,7 @@ import urllib.request
 import openai
 import pytest
 import torch
-from test_serve import post
+from serve_client import post
 
 from fmkit.errors import FmkitError
 from fmkit.server.launch import Background, build

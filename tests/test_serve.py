@@ -5,10 +5,7 @@ from __future__ import annotations
 import base64
 import gc
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -19,75 +16,25 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import openai
 import pytest
-import torch
+from serve_client import chat, loaded, post
 
-from conftest import save_fmkit_llama
 from fmkit.server.launch import Background
 
 
-def make_adapter(base, out):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from fmkit.workspace import write_manifest
-
-    torch.manual_seed(3)
-    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
-    net = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
-    for name, p in net.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.5)   # a LoRA that changes the outputs
-    net.save_pretrained(out)
-    write_manifest(out, {"kind": "adapter", "parent_model": str(base)})
-    return out
-
-
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("serve")
-    base = save_fmkit_llama(tokenizer_dir, root / "tiny", 256)
-    return {"root": root, "base": base, "adapter": make_adapter(base, root / "tiny-lora")}
-
-
-@pytest.fixture(scope="module")
-def server(folders):
-    bg = Background(models=[str(folders["base"]), str(folders["adapter"]), "minilm"], dtype="fp32",
+def server(serve_folders):
+    bg = Background(models=[str(serve_folders["base"]), str(serve_folders["adapter"]), "minilm"], dtype="fp32",
                     max_batch=16, max_queue=64)
     with bg as url:
         yield bg, openai.OpenAI(base_url=url, api_key="none", max_retries=0)
 
 
-def chat(client, text="hello", **kw):
-    kw.setdefault("max_tokens", 12)
-    kw.setdefault("temperature", 0)
-    return client.chat.completions.create(model=kw.pop("model", "tiny"),
-                                          messages=[{"role": "user", "content": text}], **kw)
-
-
-def loaded(bg, name):
-    """The pool's loaded model `name` (loaded now if it is not)."""
-    served = bg.app.state.pool.get(name)
-    bg.app.state.pool.done(served)
-    return served
-
-
-def post(url, body: bytes | dict, headers=None):
-    """A raw POST: (status, parsed body, headers)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read()), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
-
-
-def test_chat_matches_local_generation_and_reports_usage(server, folders):
+def test_chat_matches_local_generation_and_reports_usage(server, serve_folders):
     from fmkit.conversation import Chat
 
     bg, client = server
     r = chat(client, "def add(a, b):", max_tokens=10)
-    local = Chat(folders["base"], max_new_tokens=10, temperature=0, dtype="fp32")
+    local = Chat(serve_folders["base"], max_new_tokens=10, temperature=0, dtype="fp32")
     prompt = local._prompt([{"role": "user", "content": "def add(a, b):"}])
     want = local.gen([prompt], max_new_tokens=10, temperature=0)[0]
     assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
@@ -102,7 +49,7 @@ def test_chat_matches_local_generation_and_reports_usage(server, folders):
     assert listed == {"tiny", "tiny-lora", "minilm"}
 
 
-def test_echo_logprobs_score_multiple_choice_as_local_evaluation(server, folders, tmp_path):
+def test_echo_logprobs_score_multiple_choice_as_local_evaluation(server, serve_folders, tmp_path):
     from test_eval import ITEMS, mc_task
 
     from fmkit.evals.runner import evaluate
@@ -116,7 +63,7 @@ def test_echo_logprobs_score_multiple_choice_as_local_evaluation(server, folders
     assert all(v <= 0 for v in lp.token_logprobs[1:]) and r.usage.completion_tokens == 0
     task = mc_task(tmp_path, ITEMS[:6], metrics=["acc", "acc_norm"])
     remote = evaluate("openai:tiny", [task], out=tmp_path / "remote", base_url=bg.url, workspace=tmp_path / "ws")
-    local = evaluate(str(folders["base"]), [task], out=tmp_path / "local", workspace=tmp_path / "ws")
+    local = evaluate(str(serve_folders["base"]), [task], out=tmp_path / "local", workspace=tmp_path / "ws")
     rows = [[json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()] for run in (remote, local)]
     for a, b in zip(*rows):
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
@@ -203,7 +150,7 @@ def test_json_schema_outputs_parse_and_validate(server):
     assert status == 400 and body["error"]["code"] == "tools_not_supported"   # fmkit's template has no tools
 
 
-def test_adapters_are_switched_per_request_on_one_loaded_base(server, folders):
+def test_adapters_are_switched_per_request_on_one_loaded_base(server, serve_folders):
     from fmkit.models.generate import Generator
 
     bg, client = server
@@ -212,12 +159,12 @@ def test_adapters_are_switched_per_request_on_one_loaded_base(server, folders):
     lora = client.completions.create(model="tiny-lora", prompt="def ", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True})
     assert base.choices[0].text != lora.choices[0].text
-    gen = Generator(folders["adapter"], dtype="fp32")
+    gen = Generator(serve_folders["adapter"], dtype="fp32")
     ids = gen.tok("def ", add_special_tokens=False)["input_ids"]
     want = gen.generate_ids([ids], 12, 0.0, eos=None)[0][0]
     assert gen.tok.decode(want) == lora.choices[0].text
     assert base.system_fingerprint != lora.system_fingerprint
-    assert list(bg.app.state.pool.bases) == [str(folders["base"])]   # read from disk once, merged per adapter
+    assert list(bg.app.state.pool.bases) == [str(serve_folders["base"])]   # read from disk once, merged per adapter
 
 
 def test_embeddings_from_the_packaged_encoder_and_a_decoder(server):
@@ -282,42 +229,10 @@ def test_errors_come_in_openai_envelopes(server):
     assert chat(client).choices[0].message.content is not None       # and the next request is served
 
 
-def test_keys_limits_and_a_full_queue(folders, tmp_path):
-    keys = tmp_path / "keys.txt"
-    keys.write_text("# team keys\nsk-one rpm=2 name=one\nsk-two\nsk-three tpm=10\n")
-    with Background(models=[str(folders["base"])], api_keys=str(keys), max_batch=1, max_queue=1) as url:
-        status, body, _ = post(url + "/chat/completions", {"model": "tiny", "messages": []})
-        assert status == 401 and body["error"]["code"] == "invalid_api_key"
-        bad = openai.OpenAI(base_url=url, api_key="sk-wrong", max_retries=0)
-        with pytest.raises(openai.AuthenticationError):
-            chat(bad)
-        one = openai.OpenAI(base_url=url, api_key="sk-one", max_retries=0)
-        chat(one), chat(one)
-        with pytest.raises(openai.RateLimitError) as err:
-            chat(one)
-        assert int(err.value.response.headers["Retry-After"]) >= 1
-        three = openai.OpenAI(base_url=url, api_key="sk-three", max_retries=0)
-        assert chat(three, max_tokens=5).usage.total_tokens > 10            # spends the 10 tokens a minute
-        with pytest.raises(openai.RateLimitError, match="rate limit"):
-            chat(three, max_tokens=5)
-        two = openai.OpenAI(base_url=url, api_key="sk-two", max_retries=0)
-
-        def slow(i):
-            try:
-                chat(two, f"q{i}", max_tokens=60, extra_body={"ignore_eos": True})
-                return 200
-            except openai.RateLimitError as e:
-                assert e.response.headers["Retry-After"] and e.body["code"] == "queue_full"
-                return 429
-        with ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(slow, range(8)))
-        assert 429 in codes and 200 in codes                           # one row, one waiting: the rest refused
-        assert chat(two).choices                                       # and it serves again afterwards
-
-
 def test_keep_alive_unloads_an_idle_model(server):
     bg, client = server
     pool = bg.app.state.pool
+    chat(client)   # the base, kept loaded
     chat(client, model="tiny-lora", extra_body={"keep_alive": 0})
     engine = weakref.ref(pool.loaded["tiny-lora"].engine)
     assert gc.get_freeze_count() > 0   # what was loaded is out of the full collections' way
@@ -330,16 +245,6 @@ def test_keep_alive_unloads_an_idle_model(server):
     metrics = urllib.request.urlopen(bg.url.replace("/v1", "/metrics")).read().decode()
     assert 'fmkit_model_unloaded_total{model="tiny-lora"} 1' in metrics
     assert chat(client, model="tiny-lora").choices      # loaded again on the next request
-
-
-def test_memory_budget_evicts_the_least_recently_used(folders):
-    with Background(models=[str(folders["base"]), str(folders["adapter"])], memory_mb=0.7, kv_cache_mb=1,
-                    max_batch=1) as url:
-        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
-        chat(client, model="tiny")
-        chat(client, model="tiny-lora")
-        health = json.loads(urllib.request.urlopen(url.replace("/v1", "/health")).read())
-        assert health["loaded"] == ["tiny-lora"]
 
 
 def test_a_client_that_disconnects_frees_its_row(server):
@@ -381,28 +286,6 @@ def test_metrics_are_prometheus_text(server):
     assert 'fmkit_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
 
 
-def test_fingerprint_follows_weights_template_and_dtype(folders, tmp_path):
-    import shutil
-
-    from fmkit.models.reference import resolve
-    from fmkit.server.pool import fingerprint
-
-    ref = resolve(folders["base"])
-    tok = ref.tokenizer()
-    same = fingerprint(resolve(folders["base"]), ref.tokenizer(), "fp32")
-    assert fingerprint(ref, tok, "fp32") == same and fingerprint(ref, tok, "bf16") != same
-    copy = shutil.copytree(folders["base"], tmp_path / "copy")
-    assert fingerprint(resolve(copy), tok, "fp32") == same              # content, not the path
-    tok.chat_template = "{{ messages }}"
-    assert fingerprint(ref, tok, "fp32") != same
-    from safetensors.torch import load_file, save_file
-    weights = load_file(copy / "model.safetensors")
-    name = next(iter(weights))
-    weights[name] = weights[name] + 1e-3
-    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
-    assert fingerprint(resolve(copy), ref.tokenizer(), "fp32") != same
-
-
 def _rss_mb() -> float:
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
@@ -429,99 +312,6 @@ def test_load_sixteen_clients_a_thousand_requests_no_5xx(server):
     assert not [c for c in codes if c >= 500]
     assert codes.count(200) == sum(1 for i in range(1000) if i % 3) and set(codes) <= {200, 400, 404}
     assert end - middle < 50, f"memory grew {end - middle:.0f} MB over the second 500 requests"
-
-
-def start_command(*args, env=None):
-    """`fmkit serve ARGS` on a free port, once /health says ready: (process, base URL)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "fmkit", "serve", *args, "--port", str(port)],
-                            env={**os.environ, "FMKIT_QUIET": "1", **(env or {})}, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if json.loads(urllib.request.urlopen(url + "/health").read())["status"] == "ready":
-                break
-        except OSError:
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.1)
-    return proc, url
-
-
-def test_a_hub_model_is_served_under_its_hub_id(folders, tmp_path):
-    import shutil
-
-    repo = tmp_path / "hub" / "models--fmkit-test--tiny"
-    shutil.copytree(folders["base"], repo / "snapshots" / ("a" * 40))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("a" * 40)
-    proc, url = start_command("hf:fmkit-test/tiny", env={"HF_HUB_CACHE": str(tmp_path / "hub"),
-                                                         "HF_HUB_OFFLINE": "1"})
-    try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        assert [m.id for m in client.models.list()] == ["fmkit-test/tiny"]
-        r = client.completions.create(model="fmkit-test/tiny", prompt="def ", max_tokens=4)
-        assert r.model == "fmkit-test/tiny" and r.usage.completion_tokens >= 1
-        assert client.models.retrieve("fmkit-test/tiny").id == "fmkit-test/tiny"
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def test_fmkit_serve_command_shuts_down_gracefully(folders):
-    proc, url = start_command(str(folders["base"]), "--name", f"other={folders['base']}")
-    try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        assert {m.id for m in client.models.list()} == {"tiny", "other"}
-        result = {}
-        worker = threading.Thread(target=lambda: result.update(
-            r=chat(client, max_tokens=120, extra_body={"ignore_eos": True})))
-        worker.start()
-        time.sleep(1.0)
-        proc.terminate()                                                 # SIGTERM with a request in flight
-        worker.join(60)
-        assert result["r"].usage.completion_tokens == 120               # it was finished, not dropped
-        assert proc.wait(60) in (0, -15)                                 # uvicorn re-raises the signal
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def test_serve_refuses_bad_arguments_in_one_line(folders, tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "fmkit", "serve", *args], capture_output=True, text=True)
-
-    for args, words in ([(), "nothing to serve"], [(str(tmp_path / "missing"),), "no such folder"],
-                        [(str(folders["base"]), "--keep-alive", "soon"), "keep_alive"],
-                        [(str(folders["base"]), str(folders["base"])), "--name"]):
-        out = run(*args)
-        assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
-
-
-def test_any_transformers_decoder_is_served_through_transformers(tmp_path, tokenizer_dir):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from fmkit.models.io import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), n_positions=128)).eval()
-    model.save_pretrained(tmp_path / "gpt")
-    tok.save_pretrained(tmp_path / "gpt")
-    with Background(models=[str(tmp_path / "gpt")], max_batch=4) as url:
-        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
-        with ThreadPoolExecutor(3) as pool:
-            outs = list(pool.map(lambda p: client.completions.create(
-                model="gpt", prompt=p, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}),
-                ["def ", "import os", "class A:"]))
-        for prompt, out in zip(["def ", "import os", "class A:"], outs):
-            ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)[0, ids.shape[1]:]
-            assert out.choices[0].text == tok.decode(want)
-        with pytest.raises(openai.BadRequestError, match="no chat template"):
-            chat(client, model="gpt")
 
 
 def test_a_non_streaming_client_that_goes_away_frees_its_row(server, monkeypatch):
@@ -583,31 +373,3 @@ def test_a_short_request_does_not_wait_for_a_long_one(server, monkeypatch):
     run("short", 5)
     long.join()
     assert done["short"] < done["long"] - 0.5
-
-
-def test_models_dir_serves_every_folder_in_it_even_new_ones(folders, tmp_path):
-    import shutil
-
-    root = tmp_path / "models"
-    root.mkdir()
-    shutil.copytree(folders["base"], root / "first")
-    with Background(models_dir=str(root)) as url:
-        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
-        assert [m.id for m in client.models.list()] == ["first"]
-        shutil.copytree(folders["base"], root / "second")
-        assert [m.id for m in client.models.list()] == ["first", "second"]
-        assert chat(client, model="second").choices
-
-
-def test_tool_calls_are_parsed_from_replies():
-    from fmkit.server.tools import call_schema, parse_calls
-
-    text = 'Let me look.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
-    content, calls = parse_calls(text, {"weather"})
-    assert content == "Let me look." and json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
-    assert parse_calls('{"name": "weather", "arguments": {}}', {"weather"})[1][0]["function"]["name"] == "weather"
-    assert parse_calls('<tool_call>{"name": "other"}</tool_call>', {"weather"}) == \
-        ('<tool_call>{"name": "other"}</tool_call>', [])
-    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in "ab"]
-    assert len(call_schema(tools, "required")["anyOf"]) == 2 and call_schema(tools, "b")["properties"]["name"] == \
-        {"const": "b"}
