@@ -28,6 +28,10 @@ from ..models.generate import IncrementalText, argmax_rows
 from .sampling import choose, top_logprobs
 
 
+# seeds of unseeded requests: the server's own generator, which no caller's random.seed() repeats
+_SEEDS = random.Random()
+
+
 class QueueFull(Exception):
     """The engine's queue is full; the caller should retry later (HTTP 429)."""
 
@@ -74,7 +78,7 @@ class Sequence:
         self.row: int | None = None
         self.prefilled = 0
         self.forced: list[int] = []
-        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        seed = params.seed if params.seed is not None else _SEEDS.getrandbits(62)
         self.seed = seed + index * 1_000_003   # choices of one seed differ
         self._gen = None
         self.t_submit, self.t_first, self.t_done = time.monotonic(), 0.0, 0.0

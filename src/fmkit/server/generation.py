@@ -91,10 +91,13 @@ class Job:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
 
+_IDS = random.Random()   # the server's own: no caller's random.seed() makes ids repeat
+
+
 def _token() -> str:
     """24 random hex digits for a response id: uuid4 reads the OS's random source, a call that lets go of the
     interpreter lock, and under load the event loop then waited ~0.3 ms for the compute thread to hand it back."""
-    return f"{random.getrandbits(96):024x}"
+    return f"{_IDS.getrandbits(96):024x}"
 
 
 def _run_all(notes) -> None:
