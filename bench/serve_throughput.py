@@ -365,8 +365,9 @@ while runs < 5 or total < 2.0:
     t0, c0 = time.perf_counter(), time.process_time()
     out = gen(texts, max_new_tokens=max_new, temperature=0)
     s = time.perf_counter() - t0
-    n = sum(len(c.tokens) for c in out)
-    runs, total, cpu, tokens, best = runs + 1, total + s, cpu + time.process_time() - c0, tokens + n, max(best, n / s)
+    made = sum(len(c.tokens) for c in out)
+    runs, total, cpu = runs + 1, total + s, cpu + time.process_time() - c0
+    tokens, best = tokens + made, max(best, made / s)
 print(json.dumps(dict(seconds=total, runs=runs, cpu=cpu / runs, tokens=tokens, rate=tokens / total, best=best,
                       dtype=gen.dtype, texts=[c.text for c in out[:len(prompts)]])))
 """

@@ -98,7 +98,7 @@ class Sequence:
     @property
     def visible(self) -> str:
         """What may be shown while streaming: never part of a possible stop string."""
-        return self.text if self.on_read or self._final else self._visible
+        return self.text if self.on_read else self._visible
 
     @property
     def finished(self) -> bool:
