@@ -35,24 +35,38 @@ class FinishesWhenRead(Sequence):
         return shown
 
 
+def fake_job(seq: Sequence, interval: float = 0.0) -> G.Job:
+    """A Job around one sequence, without an engine: the test plays the engine's part."""
+    job = G.Job.__new__(G.Job)
+    job.seqs, job.event, job.finished = [seq], asyncio.Event(), asyncio.Event()
+    job.asked, job.interval, job.sent = time.monotonic(), interval, 0.0
+    job.served = SimpleNamespace(fingerprint="fp_test", tok=None)
+    job.event.set()
+    return job
+
+
+async def _connected() -> bool:
+    return False
+
+
+REQUEST = SimpleNamespace(is_disconnected=_connected)   # a client that stays
+
+
+def context() -> dict:
+    return dict(forced=False, tools=set(), screens={}, include_usage=False, prompt_tokens=3)
+
+
+def events(text: str) -> list[dict]:
+    """The JSON events in one write (several may come in one)."""
+    return [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
+
+
 def run_stream(make, seq) -> list[dict]:
     async def go():
-        job = G.Job.__new__(G.Job)
-        job.seqs, job.event, job.asked, job.interval, job.sent = [seq], asyncio.Event(), time.monotonic(), 0.0, 0.0
-        job.finished = asyncio.Event()
-        job.served = SimpleNamespace(fingerprint="fp_test", tok=None)
-        job.event.set()
-
-        async def connected():
-            return False
-
-        request = SimpleNamespace(is_disconnected=connected)
-        ctx = dict(forced=False, tools=set(), screens={}, include_usage=False, prompt_tokens=3)
+        job = fake_job(seq)
         out = []
-        async for text in make(job, ctx, request, "m"):
-            for event in text.split("\n\n"):   # several events may come in one write
-                if event.startswith("data: {"):
-                    out.append(json.loads(event[6:]))
+        async for text in make(job, context(), REQUEST, "m"):
+            out += events(text)
             job.event.set()   # progress for the next round
         return out
 
@@ -85,10 +99,7 @@ def test_the_end_of_a_stream_is_not_held_back_by_the_stream_interval():
 
     async def go():
         loop = asyncio.get_running_loop()
-        job = G.Job.__new__(G.Job)
-        job.seqs, job.event, job.finished = [seq], asyncio.Event(), asyncio.Event()
-        job.asked, job.interval, job.sent = time.monotonic(), 10.0, 0.0
-        job.served = SimpleNamespace(fingerprint="fp_test", tok=None)
+        job = fake_job(seq, interval=10.0)
 
         def progress():   # what the engine thread's notes do, on the event loop: more text, then the end
             seq._text = FULL[:20]
@@ -98,13 +109,8 @@ def test_the_end_of_a_stream_is_not_held_back_by_the_stream_interval():
             seq._text, seq._final, seq.finish_reason = FULL, True, "length"
             job._moved()
 
-        async def connected():
-            return False
-
-        ctx = dict(forced=False, tools=set(), screens={}, include_usage=False, prompt_tokens=3)
         start, writes = time.monotonic(), []
-        job.event.set()
-        async for text in G.chat_stream(job, ctx, SimpleNamespace(is_disconnected=connected), "m"):
+        async for text in G.chat_stream(job, context(), REQUEST, "m"):
             writes.append((time.monotonic() - start, text))
             if len(writes) == 1:
                 loop.call_later(0.05, progress)   # wakes the stream, which then waits out the interval...
@@ -114,6 +120,5 @@ def test_the_end_of_a_stream_is_not_held_back_by_the_stream_interval():
     writes = asyncio.run(asyncio.wait_for(go(), 5))
     assert writes[-1][0] < 2, "the end waited for the stream interval"
     assert isinstance(writes[-1][1], G.Last) and writes[-1][1].endswith("data: [DONE]\n\n")
-    deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content") or ""
-              for _, text in writes for e in text.split("\n\n") if e.startswith("data: {")]
+    deltas = [e["choices"][0]["delta"].get("content") or "" for _, text in writes for e in events(text)]
     assert "".join(deltas) == FULL
