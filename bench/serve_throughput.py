@@ -21,7 +21,9 @@ across contenders prompt by prompt (reported, not fatal). The ceiling: fmkit.Gen
 prompts (chat template applied), batches of --clients rows, in a fresh process: tokens over time for batch after
 batch for at least 2 s, a sustained rate like the server's (the fastest single batch is printed too). The clients
 share the cores with the server, so the script also prints the bound that sets on fmkit serve's share of the
-ceiling: the clients' CPU time per request (this process's) against the offline batch's per sequence.
+ceiling: the clients' CPU time per request (this process's) against the offline batch's per sequence. It also
+prints where fmkit serve's own CPU time went per request: its main thread (the event loop) and its other threads
+(the compute thread and its OpenMP team), the latter against the offline batch's time per sequence.
 
 Contenders:
   fmkit serve                            python -m fmkit serve FOLDER --host 127.0.0.1 --port P  (model: folder's name)
@@ -246,6 +248,25 @@ def cpu_seconds(pid: int | None = None) -> float | None:
         return None
 
 
+def thread_seconds(pid: int) -> tuple[float, float] | None:
+    """CPU seconds of a process's main thread and of all its other threads together. fmkit serve's main thread runs
+    the event loop (HTTP, JSON, the streams); the others are the compute thread and its OpenMP team. Linux only."""
+    tick, main, rest = os.sysconf("SC_CLK_TCK"), 0.0, 0.0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:   # a thread that ended meanwhile
+            continue
+        used = (int(fields[11]) + int(fields[12])) / tick
+        main, rest = (main + used, rest) if tid == str(pid) else (main, rest + used)
+    return main, rest
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # load
 
@@ -305,10 +326,12 @@ def measure(base_url: str, contender: dict, args, server_pid: int) -> dict:
     gate.wait()
     start = time.perf_counter()
     cpu0 = (cpu_seconds(), cpu_seconds(server_pid), sum(os.times()[:2]))
+    split0 = thread_seconds(server_pid)
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
     cpu1 = (cpu_seconds(), cpu_seconds(server_pid), sum(os.times()[:2]))
+    split1 = thread_seconds(server_pid)
     # what the rest of the machine used meanwhile: other work on a shared 2-core machine skews every figure
     others = None
     if None not in cpu0 + cpu1:
@@ -328,8 +351,9 @@ def measure(base_url: str, contender: dict, args, server_pid: int) -> dict:
                           f"{a[max(0, n - 10):n + 20]!r} / {b[max(0, n - 10):n + 20]!r}")
     tokens = sum(r["tokens"] for r in flat)
     client_cpu = (cpu1[2] - cpu0[2]) / len(flat)   # this process: the openai clients' own work per request
+    server_cpu = None if None in (split0, split1) else tuple((b - a) / len(flat) for a, b in zip(split0, split1))
     return dict(warmup=warmup, wall=wall, tokens=tokens, others=others, rate=tokens / wall, requests=len(flat),
-                client_cpu=client_cpu,
+                client_cpu=client_cpu, server_cpu=server_cpu,
                 ttft=[r["ttft"] for r in flat], latency=[r["latency"] for r in flat], texts=texts,
                 repeats_differ=differ, usage=all(r["usage"] for r in flat),
                 short=sum(r["tokens"] < args.max_tokens for r in flat))
@@ -459,6 +483,11 @@ def bench_model(label: str, folder: Path, args, log_dir: Path) -> None:
         print(f"the clients used {fm['client_cpu'] * 1e3:.1f} ms of CPU per request, the offline batch "
               f"{model_cpu * 1e3:.1f} ms per sequence: on these {os.cpu_count()} cores a server that cost nothing "
               f"would reach at most {bound:.0%} of the ceiling")
+        if fm["server_cpu"] is not None:
+            loop, model = fm["server_cpu"]
+            print(f"fmkit serve used {(loop + model) * 1e3:.1f} ms of CPU per request: {loop * 1e3:.1f} ms on its "
+                  f"event loop's thread (HTTP, JSON, streams), {model * 1e3:.1f} ms on the model's threads (the "
+                  f"offline batch: {model_cpu * 1e3:.1f} ms per sequence)")
 
 
 def main() -> None:
