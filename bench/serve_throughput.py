@@ -51,22 +51,19 @@ transformers serve 5.23.0, as read from its source (transformers/cli/serve.py, c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from common import REFERENCE, machine, run_code
+from servers import cpu_seconds, free_port, log_tail, running
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -156,55 +153,6 @@ def with_chat_template(src: Path, dst: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # servers
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def log_tail(log: Path, n: int = 3000) -> str:
-    try:
-        return log.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
-@contextlib.contextmanager
-def running(argv: list[str], env: dict, log: Path, ready_url: str, timeout: float = 300):
-    """Start a server in its own session (a Ctrl-C at the terminal reaches only this script), wait for ready_url
-    to answer 200, and always stop it: SIGINT, then SIGTERM, then SIGKILL."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while http_status(ready_url) != 200:
-            if proc.poll() is not None:
-                raise RuntimeError(f"exited with status {proc.returncode} before it was ready:\n{log_tail(log)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready after {timeout:.0f} s:\n{log_tail(log)}")
-            time.sleep(0.5)
-        yield proc
-    finally:
-        for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            if proc.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(wait)
-
-
 def contenders(folder: Path, args, log_dir: Path) -> list[dict]:
     """How each server is started, what its requests name the model, and what extra request fields it takes."""
     out = []
@@ -231,40 +179,6 @@ def build_peer_env() -> bool:
         print(f"transformers serve environment could not be created; peer skipped:\n{setup.stderr[-2000:]}")
         return False
     return True
-
-
-def cpu_seconds(pid: int | None = None) -> float | None:
-    """CPU seconds used: by the whole machine (not idle, not waiting on I/O) or by one process. Linux only."""
-    try:
-        tick = os.sysconf("SC_CLK_TCK")
-        if pid is None:
-            with open("/proc/stat") as f:
-                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-            return (user + nice + system + irq + softirq + steal) / tick
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return sum(int(f) for f in fields[11:15]) / tick  # utime, stime, and those of waited-for children
-    except (OSError, ValueError):
-        return None
-
-
-def thread_seconds(pid: int) -> tuple[float, float] | None:
-    """CPU seconds of a process's main thread and of all its other threads together. fmkit serve's main thread runs
-    the event loop (HTTP, JSON, the streams); the others are the compute thread and its OpenMP team. Linux only."""
-    tick, main, rest = os.sysconf("SC_CLK_TCK"), 0.0, 0.0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:   # a thread that ended meanwhile
-            continue
-        used = (int(fields[11]) + int(fields[12])) / tick
-        main, rest = (main + used, rest) if tid == str(pid) else (main, rest + used)
-    return main, rest
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,12 +240,12 @@ def measure(base_url: str, contender: dict, args, server_pid: int) -> dict:
     gate.wait()
     start = time.perf_counter()
     cpu0 = (cpu_seconds(), cpu_seconds(server_pid), sum(os.times()[:2]))
-    split0 = thread_seconds(server_pid)
+    loop0 = cpu_seconds(server_pid, main_thread=True)
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
     cpu1 = (cpu_seconds(), cpu_seconds(server_pid), sum(os.times()[:2]))
-    split1 = thread_seconds(server_pid)
+    loop1 = cpu_seconds(server_pid, main_thread=True)
     # what the rest of the machine used meanwhile: other work on a shared 2-core machine skews every figure
     others = None
     if None not in cpu0 + cpu1:
@@ -351,7 +265,10 @@ def measure(base_url: str, contender: dict, args, server_pid: int) -> dict:
                           f"{a[max(0, n - 10):n + 20]!r} / {b[max(0, n - 10):n + 20]!r}")
     tokens = sum(r["tokens"] for r in flat)
     client_cpu = (cpu1[2] - cpu0[2]) / len(flat)   # this process: the openai clients' own work per request
-    server_cpu = None if None in (split0, split1) else tuple((b - a) / len(flat) for a, b in zip(split0, split1))
+    server_cpu = None   # per request: the main thread's, and the rest of the process's (the model's threads)
+    if None not in (loop0, loop1, cpu0[1], cpu1[1]):
+        loop = loop1 - loop0
+        server_cpu = (loop / len(flat), (cpu1[1] - cpu0[1] - loop) / len(flat))
     return dict(warmup=warmup, wall=wall, tokens=tokens, others=others, rate=tokens / wall, requests=len(flat),
                 client_cpu=client_cpu, server_cpu=server_cpu,
                 ttft=[r["ttft"] for r in flat], latency=[r["latency"] for r in flat], texts=texts,

@@ -1,0 +1,79 @@
+"""Server processes for the benchmarks: a free local port, a server started in its own session and stopped
+however the benchmark ends, and CPU time read from /proc."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def log_tail(log: Path, n: int = 3000) -> str:
+    try:
+        return log.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def running(argv: list[str], env: dict, log: Path, ready_url: str, timeout: float = 300):
+    """Start a server in its own session (a Ctrl-C at the terminal reaches only this script), wait for ready_url
+    to answer 200, and always stop it: SIGINT, then SIGTERM, then SIGKILL."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while http_status(ready_url) != 200:
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited with status {proc.returncode} before it was ready:\n{log_tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout:.0f} s:\n{log_tail(log)}")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        for sig, wait in ((signal.SIGINT, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            if proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait)
+
+
+def cpu_seconds(pid: int | None = None, main_thread: bool = False) -> float | None:
+    """CPU seconds used: by the whole machine (not idle, not waiting on I/O), by one process, or by its main thread
+    alone (fmkit serve's event loop: HTTP, JSON, the streams). Linux only."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        if pid is None:
+            with open("/proc/stat") as f:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+            return (user + nice + system + irq + softirq + steal) / tick
+        with open(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # utime, stime, and (for the process) those of waited-for children
+        return sum(int(f) for f in fields[11:13 if main_thread else 15]) / tick
+    except (OSError, ValueError):
+        return None
