@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import gc
 import json
+import os
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -284,6 +286,18 @@ def test_metrics_are_prometheus_text(server):
                  "fmkit_request_latency_seconds_bucket", "fmkit_errors_total", "fmkit_loaded_models"):
         assert name in text
     assert 'fmkit_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names from /proc")
+def test_the_compute_thread_is_named_in_the_operating_system(server):
+    bg, client = server
+    chat(client)
+    names = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names[int(tid)] = f.read().strip()
+    compute = [t for t in threading.enumerate() if t.name == "fmkit-compute" and t.is_alive()]
+    assert compute and all(names.get(t.native_id) == "fmkit-compute" for t in compute)
 
 
 def _rss_mb() -> float:
