@@ -23,7 +23,9 @@ batch for at least 2 s, a sustained rate like the server's (the fastest single b
 share the cores with the server, so the script also prints the bound that sets on fmkit serve's share of the
 ceiling: the clients' CPU time per request (this process's) against the offline batch's per sequence. It also
 prints where fmkit serve's own CPU time went per request: its main thread (the event loop) and its other threads
-(the compute thread and its OpenMP team), the latter against the offline batch's time per sequence.
+(the compute thread and its OpenMP team), the latter against the offline batch's time per sequence; and, for the
+event loop and the compute thread, how their wall time split between running, waiting runnable for a CPU, and
+asleep (the compute thread, with sequences to step, sleeps only for the interpreter lock).
 
 Contenders:
   fmkit serve                            python -m fmkit serve FOLDER --host 127.0.0.1 --port P  (model: folder's name)
@@ -63,7 +65,7 @@ import time
 from pathlib import Path
 
 from common import REFERENCE, machine, run_code
-from servers import cpu_seconds, free_port, log_tail, running
+from servers import cpu_seconds, free_port, log_tail, running, thread_times
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -241,11 +243,13 @@ def measure(base_url: str, contender: dict, args, server_pid: int) -> dict:
     start = time.perf_counter()
     cpu0 = (cpu_seconds(), cpu_seconds(server_pid), sum(os.times()[:2]))
     loop0 = cpu_seconds(server_pid, main_thread=True)
+    threads0 = thread_times(server_pid)
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
     cpu1 = (cpu_seconds(), cpu_seconds(server_pid), sum(os.times()[:2]))
     loop1 = cpu_seconds(server_pid, main_thread=True)
+    threads1 = thread_times(server_pid)
     # what the rest of the machine used meanwhile: other work on a shared 2-core machine skews every figure
     others = None
     if None not in cpu0 + cpu1:
@@ -269,7 +273,19 @@ def measure(base_url: str, contender: dict, args, server_pid: int) -> dict:
     if None not in (loop0, loop1, cpu0[1], cpu1[1]):
         loop = loop1 - loop0
         server_cpu = (loop / len(flat), (cpu1[1] - cpu0[1] - loop) / len(flat))
+    # where two of fmkit serve's threads spent the wall time: the event loop, and the compute thread that steps
+    # the model: on a CPU, runnable but waiting for one, or asleep (for the compute thread, with sequences to
+    # step: waiting for the interpreter lock)
+    sched = {}
+    # the compute thread names itself; its OpenMP team, started later, inherits the name with higher ids
+    compute = min((tid for tid, (name, _, _) in threads1.items() if name == "fmkit-compute"), default=None)
+    for tid, (name, ran, waited) in threads1.items():
+        role = "event loop" if tid == server_pid else "compute thread" if tid == compute else None
+        if role and tid in threads0:
+            ran, waited = ran - threads0[tid][1], waited - threads0[tid][2]
+            sched[role] = (ran, waited, max(0.0, wall - ran - waited))
     return dict(warmup=warmup, wall=wall, tokens=tokens, others=others, rate=tokens / wall, requests=len(flat),
+                sched=sched,
                 client_cpu=client_cpu, server_cpu=server_cpu,
                 ttft=[r["ttft"] for r in flat], latency=[r["latency"] for r in flat], texts=texts,
                 repeats_differ=differ, usage=all(r["usage"] for r in flat),
@@ -405,6 +421,9 @@ def bench_model(label: str, folder: Path, args, log_dir: Path) -> None:
             print(f"fmkit serve used {(loop + model) * 1e3:.1f} ms of CPU per request: {loop * 1e3:.1f} ms on its "
                   f"event loop's thread (HTTP, JSON, streams), {model * 1e3:.1f} ms on the model's threads (the "
                   f"offline batch: {model_cpu * 1e3:.1f} ms per sequence)")
+        for role, (ran, waited, slept) in fm["sched"].items():
+            print(f"fmkit serve's {role}, of the {fm['wall']:.2f} s: {ran:.2f} s on a CPU, {waited:.2f} s runnable "
+                  f"waiting for one, {slept:.2f} s asleep")
 
 
 def main() -> None:
