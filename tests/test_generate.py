@@ -3,7 +3,7 @@ import torch
 
 from fmkit.errors import FmkitError
 from fmkit.models.generate import Generator, argmax_rows, sample_next
-from fmkit.models import native
+from fmkit.models import decode, native
 from fmkit.models.build import build_model, model_config
 from fmkit.models.decode import LlamaDecoder
 from fmkit.models.io import save_model
@@ -122,18 +122,22 @@ def _steps(dec, ids, real, n):
 
 
 @needs_compiler
-@pytest.mark.parametrize("batch", [1, 3])
-def test_compiled_step_matches_the_pytorch_step(model_dir, batch):
-    """Batch 1 also runs the output layer in C (fp32); batch 3 has a left-padded row and GQA (2 kv heads)."""
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_compiled_step_matches_the_pytorch_step(model_dir, batch, monkeypatch):
+    """Batch 1 also runs the output layer in C (fp32); batch 3 has a left-padded row and GQA (2 kv heads); batch 40
+    is past the 16 rows the compiled step used to stop at."""
     model = Generator(model_dir, dtype="fp32").model
     ours, ref = LlamaDecoder(model, use_native=True), LlamaDecoder(model, use_native=False)
-    assert ours.native is not None and ref.native is None
+    assert ours.native is not None and ref.native is None and batch <= decode.NATIVE_MAX_BATCH
+    calls = []
+    monkeypatch.setattr(ours, "_native_step", lambda *a, step=ours._native_step: calls.append(1) or step(*a))
     ids = torch.randint(2, 512, (batch, 9), generator=torch.Generator().manual_seed(batch))
     real = torch.ones(batch, 9, dtype=torch.bool)
     real[-1, :4] = batch > 1
     for (a, ta), (b, tb) in zip(_steps(ours, ids, real, 12), _steps(ref, ids, real, 12)):
         assert torch.equal(ta, tb)
         assert (a - b).abs().max() < 1e-4
+    assert calls   # the decoding steps ran in C
 
 
 @needs_compiler
