@@ -222,12 +222,27 @@ def test_kernel_is_built_once_per_machine_and_reused(monkeypatch, tmp_path):
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary or failure marker left
 
 
-def test_auto_dtype_follows_the_cpu(model_dir):
-    from fmkit.runtime import fast_bf16
+def test_auto_dtype_follows_the_cpu(model_dir, tmp_path, monkeypatch):
+    from fmkit import runtime
 
-    assert Generator(model_dir).dtype == ("bf16" if fast_bf16("cpu") else "fp32")
+    assert Generator(model_dir).dtype == ("bf16" if runtime.decode_in_bf16() else "fp32")
     with pytest.raises(FmkitError, match="dtype must be auto"):
         Generator(model_dir, dtype="fp16")
+    # bf16 instructions in the flags decide, whatever a square matmul says; without flags, the matmul probe
+    x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\n"
+    for flags, want in (("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512bw", False)):
+        (tmp_path / "cpuinfo").write_text(x86.format(flags))
+        assert runtime.cpu_has_bf16.__wrapped__(str(tmp_path / "cpuinfo")) is want
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert runtime.cpu_has_bf16.__wrapped__(str(tmp_path / "arm")) is True
+    assert runtime.cpu_has_bf16.__wrapped__(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(runtime, "fast_bf16", lambda device: pytest.fail("probed although the flags said"))
+    for has in (True, False):
+        monkeypatch.setattr(runtime, "cpu_has_bf16", lambda has=has: has)
+        assert Generator(model_dir).dtype == ("bf16" if has else "fp32")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: None)
+    monkeypatch.setattr(runtime, "fast_bf16", lambda device: True)
+    assert Generator(model_dir).dtype == "bf16"
 
 
 @pytest.mark.parametrize("use_native", [None, False])

@@ -140,7 +140,7 @@ def chat(model: str, system: str | None = None, max_new_tokens: int = 256, tempe
         temperature: Sampling temperature; 0 is greedy.
         top_p: Nucleus sampling mass (1.0: off).
         seed: Sampling seed (each turn draws from seed + turn).
-        dtype: auto (bf16 where the CPU multiplies bf16 natively, else fp32), fp32 or bf16.
+        dtype: auto (bf16 where the CPU has bf16 instructions, else fp32), fp32 or bf16.
         template: chat (the model's own chat template; fmkit's for fmkit models without one), fmkit, or a .jinja
             file.
         batch_size: Piped input: conversations answered together.

@@ -64,3 +64,32 @@ def fast_bf16(device: str = "cpu") -> bool:
 
     return matmul_tflops(torch.bfloat16, device, n=512, reps=7) > 1.2 * matmul_tflops(torch.float32, device, n=512,
                                                                                       reps=7)
+
+
+# /proc/cpuinfo flags of bf16 dot-product instructions: x86's AVX512-BF16 and AMX, Arm's BF16 extension
+_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU has bf16 dot-product instructions, from the flags Linux lists; None where they cannot be
+    read (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return bool(_BF16_FLAGS & set(value.split()))
+    except OSError:
+        return None
+    return None
+
+
+def decode_in_bf16() -> bool:
+    """Whether generation on this CPU should compute in bf16. A decoding step reads every weight once per token,
+    so halving the bytes pays wherever the CPU has bf16 instructions, even where oneDNN's square bf16 matmuls run
+    slower than fp32's. On AVX512-BF16 without AMX, 512-wide matmuls ran at 0.08 against 0.15 TFLOPS, while greedy
+    decoding of a 16M model ran 1.2-1.6x faster in bf16 (batch 16 and 1) and a 1.3M one as fast. Where the flags
+    cannot be read, the matmul probe decides."""
+    has = cpu_has_bf16()
+    return has if has is not None else fast_bf16("cpu")

@@ -19,10 +19,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def resolve_dtype(dtype: str) -> str:
-    """`auto`: bf16 where this CPU multiplies bf16 natively (it halves the bytes a step reads), else fp32."""
+    """`auto`: bf16 where this CPU has bf16 instructions (it halves the bytes a step reads), else fp32."""
     if dtype == "auto":
-        from ..runtime import fast_bf16
-        return "bf16" if fast_bf16("cpu") else "fp32"
+        from ..runtime import decode_in_bf16
+        return "bf16" if decode_in_bf16() else "fp32"
     if dtype not in DTYPES:
         raise FmkitError(f"dtype must be auto, {' or '.join(DTYPES)}, got '{dtype}'")
     return dtype
@@ -248,7 +248,7 @@ def generate(model: str, prompts: list[str] | str = ("def ",), max_new_tokens: i
         top_p: Nucleus sampling mass (1.0: off).
         stop: Stop when this string appears (not included in the output); repeatable.
         seed: Sampling seed.
-        dtype: auto (bf16 on CPUs that multiply bf16 natively, about twice as fast; else fp32, exact), fp32 or bf16.
+        dtype: auto (bf16 on CPUs with bf16 instructions, 1.2-2x as fast; else fp32, exact), fp32 or bf16.
         base: An adapter's base model, instead of the one the adapter names.
         trust_pickle: Allow pickle weights (loading them can run code).
         workspace: Workspace folder where bare model names are looked up (default $FMKIT_WORKSPACE or

@@ -94,7 +94,7 @@ def serve(models: list[str] | None = None, names: dict | None = None, host: str 
         api_key: Require this bearer key on every /v1 request.
         api_keys: File of keys, one per line, each optionally with limits: KEY rpm=N tpm=N name=NAME.
         models_dir: Also serve every model or adapter folder in this folder, under its folder name.
-        dtype: auto (bf16 where this CPU multiplies bf16 natively, else fp32), fp32 (exact) or bf16.
+        dtype: auto (bf16 where this CPU has bf16 instructions, else fp32), fp32 (exact) or bf16.
         max_batch: Most sequences decoded together per model (KV cache rows).
         kv_cache_mb: KV cache memory per model in MiB (default: up to a fifth of free memory).
         memory_mb: Memory budget for loaded models in MiB (default: three quarters of free memory).
