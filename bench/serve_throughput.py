@@ -408,7 +408,7 @@ def bench_model(label: str, folder: Path, args, log_dir: Path) -> None:
         print(f"fmkit serve / transformers serve --continuous-batching, tokens/s: {fm['rate'] / cb['rate']:.2f}x "
               "(target 3x)")
     if fm and ceiling:
-        print(f"fmkit serve / fmkit offline generate, tokens/s: {fm['rate'] / ceiling['rate']:.0%} (target 70%; "
+        print(f"fmkit serve / fmkit offline generate, tokens/s: {fm['rate'] / ceiling['rate']:.1%} (target 70%; "
               f"{fm['rate'] / ceiling['best']:.0%} of the fastest batch)")
         # the clients run on the same cores as the server: what they use is not there for the model
         model_cpu = ceiling["cpu"] / args.clients   # CPU seconds the offline batch spent per sequence
