@@ -242,13 +242,11 @@ def measure(base_url: str, contender: dict, args, server_pid: int) -> dict:
     gate.wait()
     start = time.perf_counter()
     cpu0 = (cpu_seconds(), cpu_seconds(server_pid), sum(os.times()[:2]))
-    loop0 = cpu_seconds(server_pid, main_thread=True)
     threads0 = thread_times(server_pid)
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
     cpu1 = (cpu_seconds(), cpu_seconds(server_pid), sum(os.times()[:2]))
-    loop1 = cpu_seconds(server_pid, main_thread=True)
     threads1 = thread_times(server_pid)
     # what the rest of the machine used meanwhile: other work on a shared 2-core machine skews every figure
     others = None
@@ -269,24 +267,22 @@ def measure(base_url: str, contender: dict, args, server_pid: int) -> dict:
                           f"{a[max(0, n - 10):n + 20]!r} / {b[max(0, n - 10):n + 20]!r}")
     tokens = sum(r["tokens"] for r in flat)
     client_cpu = (cpu1[2] - cpu0[2]) / len(flat)   # this process: the openai clients' own work per request
-    server_cpu = None   # per request: the main thread's, and the rest of the process's (the model's threads)
-    if None not in (loop0, loop1, cpu0[1], cpu1[1]):
-        loop = loop1 - loop0
-        server_cpu = (loop / len(flat), (cpu1[1] - cpu0[1] - loop) / len(flat))
-    # where two of fmkit serve's threads spent the wall time: the event loop, and the compute thread that steps
-    # the model: on a CPU, runnable but waiting for one, or asleep (for the compute thread, with sequences to
-    # step: waiting for the interpreter lock)
-    sched = {}
-    # the compute thread names itself; its OpenMP team, started later, inherits the name with higher ids
+    # where two of fmkit serve's threads spent the wall time: the event loop (the main thread), and the compute
+    # thread that steps the model: on a CPU, runnable but waiting for one, or asleep (for the compute thread, with
+    # sequences to step: waiting for the interpreter lock). The compute thread names itself; its OpenMP team,
+    # started later, inherits the name with higher ids.
     compute = min((tid for tid, (name, _, _) in threads1.items() if name == "fmkit-compute"), default=None)
-    for tid, (name, ran, waited) in threads1.items():
-        role = "event loop" if tid == server_pid else "compute thread" if tid == compute else None
-        if role and tid in threads0:
-            ran, waited = ran - threads0[tid][1], waited - threads0[tid][2]
+    sched = {}
+    for role, tid in (("event loop", server_pid), ("compute thread", compute)):
+        if tid in threads0 and tid in threads1:
+            ran, waited = threads1[tid][1] - threads0[tid][1], threads1[tid][2] - threads0[tid][2]
             sched[role] = (ran, waited, max(0.0, wall - ran - waited))
+    server_cpu = None   # per request: the event loop's, and the rest of the process's (the model's threads)
+    if "event loop" in sched and None not in (cpu0[1], cpu1[1]):
+        loop = sched["event loop"][0]
+        server_cpu = (loop / len(flat), (cpu1[1] - cpu0[1] - loop) / len(flat))
     return dict(warmup=warmup, wall=wall, tokens=tokens, others=others, rate=tokens / wall, requests=len(flat),
-                sched=sched,
-                client_cpu=client_cpu, server_cpu=server_cpu,
+                client_cpu=client_cpu, server_cpu=server_cpu, sched=sched,
                 ttft=[r["ttft"] for r in flat], latency=[r["latency"] for r in flat], texts=texts,
                 repeats_differ=differ, usage=all(r["usage"] for r in flat),
                 short=sum(r["tokens"] < args.max_tokens for r in flat))

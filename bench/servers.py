@@ -62,19 +62,18 @@ def running(argv: list[str], env: dict, log: Path, ready_url: str, timeout: floa
                 proc.wait(wait)
 
 
-def cpu_seconds(pid: int | None = None, main_thread: bool = False) -> float | None:
-    """CPU seconds used: by the whole machine (not idle, not waiting on I/O), by one process, or by its main thread
-    alone (fmkit serve's event loop: HTTP, JSON, the streams). Linux only."""
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU seconds used: by the whole machine (not idle, not waiting on I/O) or by one process. Linux only; per
+    thread, see `thread_times`."""
     try:
         tick = os.sysconf("SC_CLK_TCK")
         if pid is None:
             with open("/proc/stat") as f:
                 user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
             return (user + nice + system + irq + softirq + steal) / tick
-        with open(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        # utime, stime, and (for the process) those of waited-for children
-        return sum(int(f) for f in fields[11:13 if main_thread else 15]) / tick
+        return sum(int(f) for f in fields[11:15]) / tick  # utime, stime, and those of waited-for children
     except (OSError, ValueError):
         return None
 
