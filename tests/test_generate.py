@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fmkit.errors import FmkitError
-from fmkit.models.generate import Generator, argmax_rows, sample_next
+from fmkit.models.generate import Generator, argmax_ids, argmax_rows, sample_next
 from fmkit.models import decode, native
 from fmkit.models.build import build_model, model_config
 from fmkit.models.decode import LlamaDecoder
@@ -58,6 +58,9 @@ def test_argmax_rows_gives_torch_argmax(vocab):
     tail[1, 0] = 50.0   # a tie between the first block and the tail: the first wins
     for x in cases + [nan, tail]:
         assert torch.equal(argmax_rows(x), x.argmax(-1))
+        for y in (x, x.bfloat16()):   # the compiled search (where it builds): same rule, bf16 as it is stored
+            assert argmax_ids(y) == y.float().argmax(-1).tolist()
+            assert argmax_ids(y, 2) == y.float().argmax(-1).tolist()[:2]
 
 
 def test_stop_strings_cut_the_text(model_dir):
@@ -150,6 +153,21 @@ def test_compiled_bf16_step_tracks_fp32_logits(model_dir):
     with torch.inference_mode():
         ref = gen.model(full).logits[0, -1]
     assert (got[0] - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+@needs_compiler
+def test_compiled_bf16_step_writes_the_output_layer_input_as_torch_rounds_it(model_dir):
+    """The step's own bf16 copy of its final hidden state is exactly out.to(bfloat16), so the output layer sees
+    what it saw when PyTorch converted it, and raw logits are the same values as the widened ones."""
+    gen = Generator(model_dir, dtype="fp32")
+    dec = LlamaDecoder(gen.model, torch.bfloat16, use_native=True)
+    cache = dec.new_cache(3, 16)
+    wide = dec.step_rows([5, 6, 7], [0, 1, 2], [0, 0, 0], cache)
+    bound = cache.bound
+    assert bound.head_in.dtype == torch.bfloat16
+    assert torch.equal(bound.head_in[:3], bound.out[:3].to(torch.bfloat16))
+    raw = dec.step_rows([5, 6, 7], [0, 1, 2], [0, 0, 0], cache, raw=True)
+    assert raw.dtype == torch.bfloat16 and torch.equal(raw.float(), wide)
 
 
 @needs_compiler

@@ -16,6 +16,7 @@ transformers' Llama (RMSNorm, rotate-half RoPE, SwiGLU, GQA); tests pin equal to
 from __future__ import annotations
 
 import ctypes
+from array import array
 
 import torch
 import torch.nn.functional as F
@@ -154,16 +155,16 @@ class LlamaDecoder:
         self.native.fm_step(ctypes.byref(bound.model), ids.data_ptr(), pos.data_ptr(), start,
                             None if mask is None else mask.data_ptr(), 0 if mask is None else mask.shape[1],
                             bound.out.data_ptr(), None if logits is None else logits.data_ptr())
-        return logits if logits is not None else self.head(bound.out.to(self.dtype)).float()
+        return logits if logits is not None else self.head(bound.head_in).float()
 
     @torch.inference_mode()
     def step_rows(self, ids: list[int], rows: list[int], slots: list[int], cache: KVCache,
-                  want: list[int] | None = None) -> torch.Tensor:
+                  want: list[int] | None = None, raw: bool = False) -> torch.Tensor:
         """Tokens of several sequences that joined at different times, in one call (continuous batching): token i
         belongs to cache row rows[i], goes to slot slots[i] (also its RoPE position) and attends over that row's
         slots [0, slots[i]]. A row may appear several times at consecutive slots: a chunk of its prompt, whose
         tokens attend to each other causally. Logits (len(want), vocab) for the tokens at positions `want` in
-        `ids` (default: all).
+        `ids` (default: all), fp32, or with `raw` in the output layer's dtype (the same values before widening).
 
         In the compiled step every token's arithmetic is the same whatever else is in the call, so a sequence's
         tokens, prompt included, never depend on its neighbours or on how its prompt was split."""
@@ -174,17 +175,24 @@ class LlamaDecoder:
                 and 0 <= min(slots) <= max(slots) < min(length, self.max_positions)):
             raise IndexError(f"token ids {ids}, rows {rows} or slots {slots} do not fit the cache "
                              f"({cache[0].shape[1]} rows of {length} slots, at most {width} tokens a step)")
-        ids_t, rows_t, slots_t = (torch.tensor(v, dtype=torch.int64) for v in (ids, rows, slots))
-        pick = slice(None) if want is None else torch.tensor(want, dtype=torch.int64)
         if self.native is not None and isinstance(cache, KVCache):
             if cache.bound is None or cache.bound.decoder is not self:
                 cache.bound = _Bound(self, cache)
             # the output layer always through oneDNN (not the C loop fm_step uses for one fp32 row): its rows come
-            # out the same at any batch size, so a sequence's logits never depend on its neighbours
+            # out the same at any batch size, so a sequence's logits never depend on its neighbours. The step's
+            # inputs go over as arrays and the output layer reads the step's own bf16 copy of its input: PyTorch
+            # calls in between cost more than their work at this size, and each hands the interpreter lock over.
             bound = cache.bound
-            self.native.fm_step_rows(ctypes.byref(bound.model), n, rows_t.data_ptr(), ids_t.data_ptr(),
-                                     slots_t.data_ptr(), slots_t.data_ptr(), bound.out.data_ptr(), None)
-            return self.head(bound.out[:n][pick].to(self.dtype)).float()
+            rows_a, ids_a, slots_a = array("q", rows), array("q", ids), array("q", slots)
+            self.native.fm_step_rows(ctypes.byref(bound.model), n, rows_a.buffer_info()[0], ids_a.buffer_info()[0],
+                                     slots_a.buffer_info()[0], slots_a.buffer_info()[0], bound.out.data_ptr(), None)
+            x = bound.head_in[:n]
+            if want is not None and want != list(range(n)):
+                x = x[torch.tensor(want, dtype=torch.int64)]
+            logits = self.head(x)
+            return logits if raw else logits.float()
+        ids_t, rows_t, slots_t = (torch.tensor(v, dtype=torch.int64) for v in (ids, rows, slots))
+        pick = slice(None) if want is None else torch.tensor(want, dtype=torch.int64)
         end = max(slots) + 1
         x = self.embed[ids_t][:, None]
         cos, sin = self.cos[slots_t][:, None, None], self.sin[slots_t][:, None, None]  # (n, 1, 1, D)
@@ -201,7 +209,8 @@ class LlamaDecoder:
             gu = wgu(self._rms(x, ln2))
             half = gu.shape[-1] // 2
             x = x + wd(F.silu(gu[..., :half]) * gu[..., half:])
-        return self.head(self._rms(x[:, -1][pick], self.norm)).float()
+        logits = self.head(self._rms(x[:, -1][pick], self.norm))
+        return logits if raw else logits.float()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: list[torch.Tensor], start: int,
@@ -289,3 +298,8 @@ class _Bound:
         m.work = self.work.data_ptr()
         self.model = m
         self.out = torch.empty(self.width, m.hidden, **f32)
+        # what the output layer reads: `out` itself, or for bf16 weights the copy the step writes in bf16
+        self.head_in = self.out
+        if dec.dtype == torch.bfloat16:
+            self.head_in = torch.empty(self.width, m.hidden, dtype=torch.bfloat16)
+            m.out16 = self.head_in.data_ptr()

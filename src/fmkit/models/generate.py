@@ -3,6 +3,7 @@ the KV-cache decoder (decode.py), other architectures through transformers' gene
 chat`, the local provider and the server all complete text through `Generator`."""
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -12,6 +13,7 @@ import torch
 from ..errors import FmkitError
 from ..progress import warn
 from .build import arch_of
+from . import native
 from .decode import LlamaDecoder
 from .reference import ModelRef, resolve
 
@@ -53,6 +55,22 @@ def argmax_rows(x: torch.Tensor, block: int = 128) -> torch.Tensor:
         here = x[rows, best]
         best = torch.where((top > here) | (top.isnan() & ~here.isnan()), full + at, best)
     return best
+
+
+def argmax_ids(x: torch.Tensor, rows: int | None = None) -> list[int]:
+    """`argmax_rows(x[:rows]).tolist()`, in one call of the compiled kernel where it is built and x is a contiguous
+    fp32 or bf16 (rows, vocab) tensor: the same indices, without the half-dozen PyTorch operations (each handing
+    over the interpreter lock) that cost more than the search on a decoding step's logits."""
+    rows = len(x) if rows is None else min(rows, len(x))   # as x[:rows] would: never past the tensor
+    lib = native.load()
+    if (lib is None or x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous()
+            or x.device.type != "cpu" or not x.shape[1]):
+        return argmax_rows(x[:rows]).tolist()
+    out = array("q", bytes(8 * rows))
+    if rows:
+        lib.fm_argmax_rows(x.data_ptr(), rows, x.shape[1], int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+                           out.buffer_info()[0])
+    return out.tolist()
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

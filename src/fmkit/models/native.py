@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).parent / "kernels" / "decode_step.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 _loaded: list = []  # [library or None] once load() has run
 _why = ""
 
@@ -32,7 +32,7 @@ class Model(ctypes.Structure):
                  ("sin", ctypes.c_void_p)]
     _fields_ += [(n, ctypes.POINTER(ctypes.c_void_p)) for n in ("ln1", "ln2", "wqkv", "wo", "wgu", "wd", "cache")]
     _fields_ += [("norm", ctypes.c_void_p), ("head", ctypes.c_void_p), ("vocab", ctypes.c_int64),
-                 ("work", ctypes.c_void_p)]
+                 ("work", ctypes.c_void_p), ("out16", ctypes.c_void_p)]
 
 
 def cache_dir() -> Path:
@@ -111,6 +111,8 @@ def load() -> ctypes.CDLL | None:
             lib.fm_step.restype = None
             lib.fm_step_rows.argtypes = [ctypes.POINTER(Model), ctypes.c_int64] + [ctypes.c_void_p] * 6
             lib.fm_step_rows.restype = None
+            lib.fm_argmax_rows.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p]
+            lib.fm_argmax_rows.restype = None
             lib.fm_work_floats.argtypes = [ctypes.POINTER(Model)]
             lib.fm_work_floats.restype = ctypes.c_int64
         except (OSError, ValueError, subprocess.SubprocessError, AttributeError) as e:

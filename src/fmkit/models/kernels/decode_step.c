@@ -38,9 +38,10 @@ typedef struct {
     const float *head;                      /* (vocab, hidden) fp32: one row's output layer (fm_step) */
     int64_t vocab;
     float *work;                            /* scratch, fm_work_floats() floats */
+    uint16_t *out16;                        /* (width, hidden) bf16 copy of `out` for a bf16 output layer, or NULL */
 } Model;
 
-int64_t fm_abi_version(void) { return 4; }
+int64_t fm_abi_version(void) { return 5; }
 
 /* fm_step's scratch: x, h (width x hidden each), qkv, attention output, gate/up and activation, then per thread
  * attention scores (cache_len) */
@@ -54,6 +55,14 @@ static inline float widen(uint16_t v) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+}
+
+/* fp32 -> bf16 rounded to nearest even, NaN to 0x7FC0: torch's conversion, so the copy equals out.to(bfloat16) */
+static inline uint16_t narrow(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 static inline float weight(const void *w, int64_t i, int bf16) {
@@ -249,7 +258,11 @@ static void step(const Model *m, int64_t B, const int64_t *rows, const int64_t *
             matmul(m->wd[l], bf16, act, B, I, H, x, 1);
         }
         #pragma omp for
-        for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, m->norm, H, m->eps, out + b * H);
+        for (int64_t b = 0; b < B; b++) {
+            rms_norm(x + b * H, m->norm, H, m->eps, out + b * H);
+            if (m->out16)
+                for (int64_t i = 0; i < H; i++) m->out16[b * H + i] = narrow(out[b * H + i]);
+        }
         if (logits) head_row(m->head, out, H, m->vocab, logits);   /* one fp32 row (fm_step's caller checks) */
     }
 }
@@ -267,4 +280,41 @@ void fm_step(const Model *m, const int64_t *ids, const int64_t *pos, int64_t slo
 void fm_step_rows(const Model *m, int64_t n, const int64_t *rows, const int64_t *ids, const int64_t *pos,
                   const int64_t *slots, float *out, float *logits) {
     step(m, n, rows, ids, pos, slots, 0, NULL, 0, out, logits);
+}
+
+/* The first index of the maximum of row r of x (rows, n), fp32 or bf16, NaN counting as the maximum: torch.argmax's
+ * answer. Blocks of ARGMAX_BLOCK values are reduced with vector max; only the first block holding the maximum
+ * (or the first NaN) is searched value by value. One call for all rows: the engine's greedy rows need only this,
+ * not a tensor of indices made by half a dozen PyTorch operations. */
+#define ARGMAX_BLOCK 256
+
+static int64_t argmax_row(const void *x, int64_t n, int bf16) {
+    float best = -INFINITY;
+    int64_t from = 0;
+    for (int64_t b0 = 0; b0 < n; b0 += ARGMAX_BLOCK) {
+        int64_t end = b0 + ARGMAX_BLOCK < n ? b0 + ARGMAX_BLOCK : n;
+        float top = -INFINITY;
+        int nan = 0;
+        #pragma omp simd reduction(max:top) reduction(|:nan)
+        for (int64_t i = b0; i < end; i++) {
+            float v = weight(x, i, bf16);
+            top = v > top ? v : top;
+            nan |= v != v;
+        }
+        if (nan)
+            for (int64_t i = b0; i < end; i++) {
+                float v = weight(x, i, bf16);
+                if (v != v) return i;
+            }
+        if (top > best) best = top, from = b0;
+    }
+    for (int64_t i = from; i < n; i++)
+        if (weight(x, i, bf16) == best) return i;
+    return 0;   /* every value -inf: the first */
+}
+
+void fm_argmax_rows(const void *x, int64_t rows, int64_t n, int64_t bf16, int64_t threads, int64_t *out) {
+    #pragma omp parallel for num_threads((int)threads) if (rows * n >= (1 << 16))
+    for (int64_t r = 0; r < rows; r++)
+        out[r] = argmax_row((const char *)x + r * n * (bf16 ? 2 : 4), n, (int)bf16);
 }
