@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.generate import IncrementalText, argmax_rows
+from ..models.generate import IncrementalText, argmax_ids
 from .sampling import choose, top_logprobs
 
 
@@ -215,7 +215,7 @@ class Engine:
             return
         try:
             logits, spans = self._run(parts)
-            best = argmax_rows(logits[:decoding]).tolist()   # the decoding parts' rows come first, one each
+            best = argmax_ids(logits, decoding)   # the decoding parts' rows come first, one each
             chunks = [logits[a:b] for a, b in spans[decoding:]]
         except Exception:   # find who fails; rewriting a slot is harmless
             logits, outs = None, []
@@ -457,7 +457,8 @@ class DecoderRunner:
         self.cache = decoder.new_cache(rows, length, width=rows + chunk)
 
     def run(self, ids: list[int], rows: list[int], slots: list[int], want: list[int]) -> torch.Tensor:
-        return self.decoder.step_rows(ids, rows, slots, self.cache, want)
+        # raw: bf16 logits stay bf16; greedy rows need only their argmax, the others widen their own row
+        return self.decoder.step_rows(ids, rows, slots, self.cache, want, raw=True)
 
     def release(self, row: int) -> None:
         pass  # the next sequence overwrites the slots it attends to
