@@ -144,6 +144,30 @@ def test_compiled_step_matches_the_pytorch_step(model_dir, batch, monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("shape, threads", [
+    ({"hidden_size": 48, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 12,
+      "intermediate_size": 100}, None),   # heads not a multiple of the vector width, outputs past the last panel
+    ({"num_key_value_heads": 2}, 3),       # 8 heads over 3 threads: the projections split by panels, not heads
+])
+def test_compiled_step_matches_the_pytorch_step_at_any_shape(shape, threads):
+    """The compiled step takes whole heads per thread only where they split evenly and are whole vectors; the other
+    shapes go the general way, with the same results."""
+    model = build_model(model_config("decoder", "tiny", 512, 128, {"pad": 1, "eos": 0}, shape), seed=2).float().eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        ours, ref = LlamaDecoder(model, use_native=True), LlamaDecoder(model, use_native=False)
+        assert ours.native is not None
+        ids = torch.randint(2, 512, (5, 7), generator=torch.Generator().manual_seed(0))
+        real = torch.ones(5, 7, dtype=torch.bool)
+        for (a, ta), (b, tb) in zip(_steps(ours, ids, real, 6), _steps(ref, ids, real, 6)):
+            assert torch.equal(ta, tb)
+            assert (a - b).abs().max() < 1e-4
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_compiler
 def test_compiled_bf16_step_tracks_fp32_logits(model_dir):
     gen = Generator(model_dir, dtype="fp32")
     ids = gen.tok("import os\nclass Foo:", return_tensors="pt", add_special_tokens=False)["input_ids"]

@@ -43,11 +43,11 @@ typedef struct {
 
 int64_t fm_abi_version(void) { return 5; }
 
-/* fm_step's scratch: x, h (width x hidden each), qkv, attention output, gate/up and activation, then per thread
- * attention scores (cache_len) */
+/* fm_step's scratch: x (width x hidden), per thread h (width x hidden), qkv, attention output, the MLP's
+ * activation, then per thread attention scores (cache_len) */
 int64_t fm_work_floats(const Model *m) {
     int64_t b = m->width, nq = m->n_heads * m->head_dim, nkv = m->n_kv * m->head_dim;
-    return b * m->hidden * 2 + b * (nq + 2 * nkv) + b * nq + b * m->inter * 3 + m->threads * m->cache_len;
+    return b * m->hidden * (1 + m->threads) + b * (nq + 2 * nkv) + b * nq + b * m->inter + m->threads * m->cache_len;
 }
 
 static inline float widen(uint16_t v) {
@@ -94,7 +94,7 @@ static inline vf load_lanes(const void *w, int bf16, int64_t at, int64_t lanes) 
  * row's result is the same bits at any batch size. */
 static inline __attribute__((always_inline)) void panel(const void *w, int bf16, const float *x, int64_t n_in,
                                                         int64_t n_out, int64_t o0, int64_t lanes, float *y,
-                                                        int accumulate, const int nr) {
+                                                        int64_t ys, int accumulate, const int nr) {
     vf even[RB], odd[RB];   /* two chains per output (even and odd i), so one row still has two in flight */
     for (int r = 0; r < nr; r++) even[r] = odd[r] = (vf){0};
     int64_t i = 0;
@@ -113,9 +113,25 @@ static inline __attribute__((always_inline)) void panel(const void *w, int bf16,
         float out[LANES];
         *(vf *)out = even[r] + odd[r];
         for (int64_t l = 0; l < lanes; l++) {
-            float *dst = y + r * n_out + o0 + l;
+            float *dst = y + r * ys + l;
             *dst = accumulate ? *dst + out[l] : out[l];
         }
+    }
+}
+
+/* nr (<= RB) rows of x through one panel: y (row stride ys) gets outputs o0..o0+lanes. The switch makes nr a
+ * constant in each inlined copy of panel, so its accumulators stay in registers. */
+static void panel_rows(const void *w, int bf16, const float *x, int64_t n_in, int64_t n_out, int64_t o0,
+                       int64_t lanes, float *y, int64_t ys, int accumulate, int64_t nr) {
+    switch (nr < RB ? nr : RB) {
+        case 1: panel(w, bf16, x, n_in, n_out, o0, lanes, y, ys, accumulate, 1); break;
+        case 2: panel(w, bf16, x, n_in, n_out, o0, lanes, y, ys, accumulate, 2); break;
+        case 3: panel(w, bf16, x, n_in, n_out, o0, lanes, y, ys, accumulate, 3); break;
+        case 4: panel(w, bf16, x, n_in, n_out, o0, lanes, y, ys, accumulate, 4); break;
+        case 5: panel(w, bf16, x, n_in, n_out, o0, lanes, y, ys, accumulate, 5); break;
+        case 6: panel(w, bf16, x, n_in, n_out, o0, lanes, y, ys, accumulate, 6); break;
+        case 7: panel(w, bf16, x, n_in, n_out, o0, lanes, y, ys, accumulate, 7); break;
+        default: panel(w, bf16, x, n_in, n_out, o0, lanes, y, ys, accumulate, RB); break;
     }
 }
 
@@ -128,19 +144,30 @@ static void matmul(const void *w, int bf16, const float *x, int64_t batch, int64
     #pragma omp for schedule(static)
     for (int64_t p = 0; p < panels; p++) {
         int64_t o0 = p * LANES, lanes = n_out - o0 < LANES ? n_out - o0 : LANES;
+        for (int64_t b = 0; b < batch; b += RB)
+            panel_rows(w, bf16, x + b * n_in, n_in, n_out, o0, lanes, y + b * n_out + o0, n_out, accumulate, batch - b);
+    }
+}
+
+/* The MLP's gate and up projections (W (n_in, 2 inter): gates, then ups) and SiLU(gate) * up in one pass: each
+ * thread takes a gate panel with the up panel of the same outputs, so the activation needs no barrier of its own.
+ * Every gate and up value is the same panel arithmetic as in matmul(). */
+static void matmul_glu(const void *w, int bf16, const float *x, int64_t batch, int64_t n_in, int64_t inter,
+                       float *act) {
+    int64_t panels = (inter + LANES - 1) / LANES;
+    #pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        int64_t o0 = p * LANES, lanes = inter - o0 < LANES ? inter - o0 : LANES;
         for (int64_t b = 0; b < batch; b += RB) {
-            const float *xb = x + b * n_in;
-            float *yb = y + b * n_out;
-            switch (batch - b < RB ? batch - b : RB) {
-                case 1: panel(w, bf16, xb, n_in, n_out, o0, lanes, yb, accumulate, 1); break;
-                case 2: panel(w, bf16, xb, n_in, n_out, o0, lanes, yb, accumulate, 2); break;
-                case 3: panel(w, bf16, xb, n_in, n_out, o0, lanes, yb, accumulate, 3); break;
-                case 4: panel(w, bf16, xb, n_in, n_out, o0, lanes, yb, accumulate, 4); break;
-                case 5: panel(w, bf16, xb, n_in, n_out, o0, lanes, yb, accumulate, 5); break;
-                case 6: panel(w, bf16, xb, n_in, n_out, o0, lanes, yb, accumulate, 6); break;
-                case 7: panel(w, bf16, xb, n_in, n_out, o0, lanes, yb, accumulate, 7); break;
-                default: panel(w, bf16, xb, n_in, n_out, o0, lanes, yb, accumulate, RB); break;
-            }
+            float g[RB * LANES], u[RB * LANES];
+            int64_t nr = batch - b < RB ? batch - b : RB;
+            panel_rows(w, bf16, x + b * n_in, n_in, 2 * inter, o0, lanes, g, LANES, 0, nr);
+            panel_rows(w, bf16, x + b * n_in, n_in, 2 * inter, inter + o0, lanes, u, LANES, 0, nr);
+            for (int64_t r = 0; r < nr; r++)
+                for (int64_t l = 0; l < lanes; l++) {
+                    float gg = g[r * LANES + l];
+                    act[(b + r) * inter + o0 + l] = gg / (1.0f + expf(-gg)) * u[r * LANES + l];
+                }
         }
     }
 }
@@ -176,46 +203,76 @@ static void rope(float *x, const float *cos, const float *sin, int64_t d) {
     }
 }
 
+/* h = rms_norm(x) for every one of the B rows, into the calling thread's own h. Each thread normalises all rows
+ * (a few flops a value) instead of half of them followed by a barrier: at a barrier the threads wait for the
+ * slowest, and on a busy machine that is one preempted by another process. */
+static void rms_rows(const float *x, const float *w, int64_t B, int64_t H, double eps, float *h) {
+    for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, w, H, eps, h + b * H);
+}
+
+/* Head j of input row b, just projected (v: its D values in qkv): RoPE for query and key heads, and keys and
+ * values into the row's cache slot. */
+static void rope_store(const Model *m, float *v, int64_t j, int64_t b, const int64_t *rows, const int64_t *pos,
+                       const int64_t *slots, int64_t slot, float *k_cache, float *v_cache) {
+    const int64_t D = m->head_dim, NH = m->n_heads, NKV = m->n_kv, T = m->cache_len;
+    if (j < NH + NKV) rope(v, m->cos + pos[b] * D, m->sin + pos[b] * D, D);
+    if (j >= NH) {
+        int64_t g = j < NH + NKV ? j - NH : j - NH - NKV;
+        int64_t cb = rows ? rows[b] : b, at = slots ? slots[b] : slot;
+        float *c = (j < NH + NKV ? k_cache : v_cache) + ((cb * NKV + g) * T + at) * D;
+        memcpy(c, v, D * sizeof(float));
+    }
+}
+
 /* The step for B input rows. Input row b is cache row rows[b] (NULL: b); its new key/value go to cache slot
  * slots[b] (NULL: `slot` for every row) and it attends over slots [0, its slot] where key_mask (B, mask_stride;
  * NULL = all) is non-zero. Each row's arithmetic is the same whatever else is in the batch, so a request's tokens
- * do not depend on its neighbours. */
+ * do not depend on its neighbours.
+ *
+ * A layer has five barriers (the ends of the parallel loops: projections with RoPE, attention, output projection,
+ * gate/up with the activation, down projection); the norms are computed by every thread for itself. */
 static void step(const Model *m, int64_t B, const int64_t *rows, const int64_t *ids, const int64_t *pos,
                  const int64_t *slots, int64_t slot, const uint8_t *key_mask, int64_t mask_stride, float *out,
                  float *logits) {
     const int64_t H = m->hidden, D = m->head_dim, NH = m->n_heads, NKV = m->n_kv, I = m->inter, CB = m->batch;
-    const int64_t nq = NH * D, nkv = NKV * D, nqkv = nq + 2 * nkv, T = m->cache_len;
+    const int64_t nq = NH * D, nkv = NKV * D, nqkv = nq + 2 * nkv, T = m->cache_len, heads = NH + 2 * NKV;
     const int bf16 = (int)m->bf16;
-    float *x = m->work, *h = x + B * H, *qkv = h + B * H, *attn = qkv + B * nqkv, *gu = attn + B * nq;
-    float *act = gu + B * 2 * I, *scratch = act + B * I;
+    float *x = m->work, *hs = x + B * H, *qkv = hs + m->threads * B * H, *attn = qkv + B * nqkv;
+    float *act = attn + B * nq, *scratch = act + B * I;
     const float scale = 1.0f / sqrtf((float)D);
 
     #pragma omp parallel num_threads((int)m->threads)
     {
-        float *scores = scratch + omp_get_thread_num() * T;
+        const int tid = omp_get_thread_num();
+        float *scores = scratch + tid * T, *h = hs + tid * B * H;
+        /* whole heads per thread when they split evenly: a head's RoPE and cache writes follow its projection
+         * without a barrier (the same value on every thread, so all take the same loops) */
+        const int by_head = D % LANES == 0 && heads % omp_get_num_threads() == 0;
         #pragma omp for
         for (int64_t b = 0; b < B; b++)
             for (int64_t i = 0; i < H; i++) x[b * H + i] = weight(m->embed, ids[b] * H + i, bf16);
 
         for (int64_t l = 0; l < m->n_layers; l++) {
             float *k_cache = m->cache[l], *v_cache = k_cache + CB * NKV * T * D;
-            #pragma omp for
-            for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, m->ln1[l], H, m->eps, h + b * H);
-            matmul(m->wqkv[l], bf16, h, B, H, nqkv, qkv, 0);
-
-            /* RoPE on queries and keys; keys and values into the cache */
-            #pragma omp for collapse(2)
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t j = 0; j < NH + 2 * NKV; j++) {
-                    float *v = qkv + b * nqkv + j * D;
-                    if (j < NH + NKV) rope(v, m->cos + pos[b] * D, m->sin + pos[b] * D, D);
-                    if (j >= NH) {
-                        int64_t g = j < NH + NKV ? j - NH : j - NH - NKV;
-                        int64_t cb = rows ? rows[b] : b, at = slots ? slots[b] : slot;
-                        float *c = (j < NH + NKV ? k_cache : v_cache) + ((cb * NKV + g) * T + at) * D;
-                        memcpy(c, v, D * sizeof(float));
+            rms_rows(x, m->ln1[l], B, H, m->eps, h);
+            if (by_head) {
+                #pragma omp for schedule(static)
+                for (int64_t j = 0; j < heads; j++)
+                    for (int64_t b = 0; b < B; b += RB) {
+                        int64_t nr = B - b < RB ? B - b : RB;
+                        for (int64_t o0 = j * D; o0 < (j + 1) * D; o0 += LANES)
+                            panel_rows(m->wqkv[l], bf16, h + b * H, H, nqkv, o0, LANES, qkv + b * nqkv + o0, nqkv,
+                                       0, nr);
+                        for (int64_t r = b; r < b + nr; r++)
+                            rope_store(m, qkv + r * nqkv + j * D, j, r, rows, pos, slots, slot, k_cache, v_cache);
                     }
-                }
+            } else {
+                matmul(m->wqkv[l], bf16, h, B, H, nqkv, qkv, 0);
+                #pragma omp for collapse(2)
+                for (int64_t b = 0; b < B; b++)
+                    for (int64_t j = 0; j < heads; j++)
+                        rope_store(m, qkv + b * nqkv + j * D, j, b, rows, pos, slots, slot, k_cache, v_cache);
+            }
 
             #pragma omp for collapse(2)
             for (int64_t b = 0; b < B; b++)
@@ -246,15 +303,8 @@ static void step(const Model *m, int64_t B, const int64_t *rows, const int64_t *
                 }
             matmul(m->wo[l], bf16, attn, B, nq, H, x, 1);
 
-            #pragma omp for
-            for (int64_t b = 0; b < B; b++) rms_norm(x + b * H, m->ln2[l], H, m->eps, h + b * H);
-            matmul(m->wgu[l], bf16, h, B, H, 2 * I, gu, 0);
-            #pragma omp for collapse(2)
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t i = 0; i < I; i++) {
-                    float g = gu[b * 2 * I + i];
-                    act[b * I + i] = g / (1.0f + expf(-g)) * gu[b * 2 * I + I + i];
-                }
+            rms_rows(x, m->ln2[l], B, H, m->eps, h);
+            matmul_glu(m->wgu[l], bf16, h, B, H, I, act);
             matmul(m->wd[l], bf16, act, B, I, H, x, 1);
         }
         #pragma omp for
