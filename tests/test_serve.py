@@ -6,6 +6,7 @@ import base64
 import gc
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -147,6 +148,11 @@ def test_json_schema_outputs_parse_and_validate(server):
     call = r.choices[0].message.tool_calls[0]
     assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "weather"
     assert isinstance(json.loads(call.function.arguments)["city"], str)
+    for max_tokens in range(1, 12):   # cut short: no call text in content; the call as far as it got, named
+        r = chat(client, "weather in Paris?", max_tokens=max_tokens, tools=[tool], tool_choice="required")
+        message = r.choices[0].message
+        assert r.choices[0].finish_reason == "length" and message.content is None, message
+        assert all(c.function.name == "weather" for c in message.tool_calls or [])
     status, body, _ = post(bg.url + "/chat/completions", {"model": "tiny", "tools": [tool], "tool_choice": "auto",
                                                            "messages": [{"role": "user", "content": "x"}]})
     assert status == 400 and body["error"]["code"] == "tools_not_supported"   # fmkit's template has no tools
@@ -275,6 +281,80 @@ def test_a_request_that_fails_inside_the_model_fails_alone(server, monkeypatch):
     with pytest.raises(openai.InternalServerError, match="boom"):
         client.completions.create(model="tiny", prompt=[5, 7], max_tokens=3)
     assert client.completions.create(model="tiny", prompt=[5, 6], max_tokens=3).choices
+
+
+def test_odd_values_are_refused_by_field_not_failed(server):
+    """Inputs a range check or a tokenizer would let through or choke on: each is a 400 naming its field."""
+    bg, client = server
+    url = bg.url + "/chat/completions"
+    msg = [{"role": "user", "content": "x"}]
+
+    def refused(body, code, param):
+        got, out, _ = post(url, body if isinstance(body, bytes) else json.dumps(body).encode())
+        assert (got, out["error"]["code"], out["error"]["param"]) == (400, code, param), body
+
+    for field in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):   # NaN passes < and >
+        refused({"model": "tiny", "messages": msg, field: float("nan")}, "invalid_value", field)
+    for seed in (1 << 64, -(1 << 63) - 1):
+        refused({"model": "tiny", "messages": msg, "seed": seed}, "invalid_value", "seed")
+    refused({"model": "tiny", "messages": [{"role": "user", "content": "a\ud800b"}]}, "invalid_value",
+            "messages[0].content")
+    got, out, _ = post(bg.url + "/completions", b'{"model": "tiny", "prompt": ["ok", "\\udc00"]}')
+    assert (got, out["error"]["param"]) == (400, "prompt[1]")
+    got, out, _ = post(bg.url + "/embeddings", b'{"model": "minilm", "input": "\\ud800"}')
+    assert (got, out["error"]["param"]) == (400, "input")
+    refused(b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json", None)
+    refused({"model": "tiny", "messages": [{"role": "user", "content": "hi", "bogus": 1}]},
+            "unrecognized_argument", "messages[0].bogus")
+    refused({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "txt": "hi"}]}]},
+            "unrecognized_argument", "messages[0].content[0].txt")
+    refused({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "missing_required_parameter", "messages[0].content[0].text")
+    refused({"model": "tiny", "messages": msg + [{"role": "tool", "content": "42"}]}, "missing_required_parameter",
+            "messages[1].tool_call_id")
+    refused({"model": "tiny", "messages": msg, "stream": True, "stream_options": {"include_usge": True}},
+            "unrecognized_argument", "stream_options.include_usge")
+    refused({"model": "tiny", "messages": msg, "user": 5}, "invalid_type", "user")
+    # a prompt that cannot fit whatever its tokens is refused before it is tokenized
+    got, out, _ = post(url, {"model": "tiny", "messages": [{"role": "user", "content": "a " * (3 << 20)}]})
+    assert (got, out["error"]["code"]) == (400, "context_length_exceeded") and "characters" in out["error"]["message"]
+    # and what the SDK sends in the same places still works
+    assert client.chat.completions.create(model="tiny", max_tokens=3, seed=(1 << 63) - 1, user="u-1", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "emoji \U0001F600"}], "name": "ann"}],
+        stream=False).choices
+
+
+def test_a_bug_in_a_route_is_a_500_in_the_envelope_and_counted(server, monkeypatch):
+    from fmkit.server import generation
+
+    bg, client = server
+
+    def broken(served, body, policy=None):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(generation, "chat_job", broken)
+    got, out, headers = post(bg.url + "/chat/completions", {"model": "tiny", "messages": [{"role": "user",
+                                                                                            "content": "x"}]})
+    assert (got, out["error"]["type"], out["error"]["code"]) == (500, "server_error", "internal_error")
+    assert "a bug" not in out["error"]["message"]   # the type of the failure, not its text
+    monkeypatch.undo()
+    text = urllib.request.urlopen(bg.url.replace("/v1", "/metrics")).read().decode()
+    assert 'fmkit_requests_total{endpoint="/v1/chat/completions",status="500"}' in text
+    assert chat(client).choices
+
+
+def test_metrics_label_routes_and_escape_what_clients_send(server):
+    """/metrics stays parseable and bounded whatever paths clients send: a series per route, not per path."""
+    bg, _ = server
+    for path in ('/x%22y%0Az%5C', "/models/no-such-model", "/junk-1", "/junk-2"):
+        try:
+            urllib.request.urlopen(bg.url + path)
+        except urllib.error.HTTPError:
+            pass
+    text = urllib.request.urlopen(bg.url.replace("/v1", "/metrics")).read().decode()
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]\w*="([^"\\\n]|\\["\\n])*",?)*\})? \S+$')
+    assert all(line.startswith("#") or sample.match(line) for line in text.splitlines()), text
+    assert 'endpoint="unmatched",status="404"' in text and "junk" not in text
+    assert 'endpoint="/v1/models/{name:path}",status="404"' in text and "no-such-model" not in text
 
 
 def test_metrics_are_prometheus_text(server):

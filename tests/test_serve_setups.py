@@ -153,6 +153,11 @@ def test_serve_refuses_bad_arguments_in_one_line(serve_folders, tmp_path):
                         [(str(serve_folders["base"]), str(serve_folders["base"])), "--name"]):
         out = run(*args)
         assert out.returncode != 0 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+    with socket.socket() as taken:                          # a port in use: said so, and no "serving" line first
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = run(str(serve_folders["base"]), "--port", str(taken.getsockname()[1]))
+    assert out.returncode != 0 and "cannot listen on 127.0.0.1" in out.stderr and "serving" not in out.stdout, out
 
 
 def test_any_transformers_decoder_is_served_through_transformers(tmp_path, tokenizer_dir):

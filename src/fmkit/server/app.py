@@ -14,6 +14,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from ..errors import FmkitError
 from . import generation as G
@@ -53,7 +54,7 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
         await asyncio.to_thread(platform.close)   # workers checkpoint; their jobs wait for the next start
         await asyncio.to_thread(pool.close)   # after uvicorn has let in-flight requests finish
 
-    app = FastAPI(title="fmkit serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="fmkit serve", lifespan=lifespan, docs_url=None, redoc_url=None)   # their pages need a CDN
     app.state.pool, app.state.metrics, app.state.platform = pool, metrics, platform
     _declare(metrics, pool, platform)
 
@@ -74,7 +75,7 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
     async def guard(scope, receive, send, inner):
         """Size limit, keys and rate limits before any route, and request metrics after. A plain ASGI wrapper
         (not Starlette's BaseHTTPMiddleware), so a route still sees its client disconnect."""
-        start, path, status = time.monotonic(), scope["path"], [500]
+        start, path, status = time.monotonic(), scope["path"], [500]   # 500 until a response starts
         headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
 
         async def sending(message):
@@ -82,35 +83,55 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
                 status[0] = message["status"]
             await send(message)
         try:
-            length = headers.get("content-length", "")
-            limit = max_file + (1 << 20) if path == "/v1/files" else max_body   # uploads: the file and its form
-            if length.isdigit() and int(length) > limit:
-                if int(length) <= 8 * max_body:   # read it away, so the client sees the answer, not a broken pipe
-                    while (await receive()).get("more_body"):
-                        pass
-                raise P.APIError(413, f"request body of {int(length)} bytes is over this server's limit of "
-                                      f"{limit} bytes", None, "request_too_large")
-            if path.startswith("/v1/") and keys.required:
-                key = keys.find(headers.get("authorization"))
-                if key is None:
-                    raise P.APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer KEY'.",
-                                     None, "invalid_api_key")
-                wait = keys.admit(key)
-                if wait > 0:
-                    raise P.APIError(429, f"rate limit reached for key {key.name}; retry in {math.ceil(wait)} s",
-                                     None, "rate_limit_exceeded", "requests", {"Retry-After": str(math.ceil(wait))})
-                scope.setdefault("state", {})["key"] = key
-        except P.APIError as e:
-            await fail(e)(scope, receive, sending)
-        else:
+            try:
+                await admit(scope, receive, path, headers)
+            except P.APIError as e:
+                return await fail(e)(scope, receive, sending)
             await inner(scope, receive, sending)
-        if path.startswith("/v1/"):
-            metrics.inc("fmkit_requests_total", endpoint=path, status=status[0])
-            metrics.observe("fmkit_request_latency_seconds", time.monotonic() - start, endpoint=path)
+        finally:
+            if path.startswith("/v1/"):
+                route = route_of(scope)
+                metrics.inc("fmkit_requests_total", endpoint=route, status=status[0])
+                metrics.observe("fmkit_request_latency_seconds", time.monotonic() - start, endpoint=route)
+
+    async def admit(scope, receive, path: str, headers: dict) -> None:
+        """The checks before any route: the body's declared size, the key, the key's rate."""
+        length = headers.get("content-length", "")
+        limit = max_file + (1 << 20) if path == "/v1/files" else max_body   # uploads: the file and its form
+        if length.isdigit() and int(length) > limit:
+            if int(length) <= 8 * max_body:   # read it away, so the client sees the answer, not a broken pipe
+                while (await receive()).get("more_body"):
+                    pass
+            raise P.APIError(413, f"request body of {int(length)} bytes is over this server's limit of "
+                                  f"{limit} bytes", None, "request_too_large")
+        if path.startswith("/v1/") and keys.required:
+            sent = headers.get("authorization")
+            key = keys.find(sent)
+            if key is None:
+                raise P.APIError(401, "Incorrect API key provided." if sent else "You didn't provide an API key. "
+                                 "Pass it as 'Authorization: Bearer KEY'.", None, "invalid_api_key")
+            wait = keys.admit(key)
+            if wait > 0:
+                raise P.APIError(429, f"rate limit reached for key {key.name}; retry in {math.ceil(wait)} s",
+                                 None, "rate_limit_exceeded", "requests", {"Retry-After": str(math.ceil(wait))})
+            scope.setdefault("state", {})["key"] = key
+
+    def route_of(scope) -> str:
+        """The route's template (`/v1/models/{name:path}`), or `unmatched`: one series per route, whatever paths are
+        sent, so that no client can grow /metrics without bound."""
+        route = scope.get("route")
+        if route is None:   # refused before routing (413, 401, 429)
+            route = next((r for r in app.router.routes if r.matches(scope)[0] == Match.FULL), None)
+        return getattr(route, "path", None) or "unmatched"
 
     @app.exception_handler(P.APIError)
     async def api_error(request: Request, e: P.APIError):
         return fail(e)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):   # a bug: the envelope for the client, the log for us
+        return fail(P.APIError(500, f"The server had an error while processing your request ({type(e).__name__})",
+                               None, "internal_error", "server_error"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):   # unknown routes, wrong methods
@@ -127,13 +148,19 @@ def create_app(pool, keys: Keys, max_body: int = 8 << 20, stream_interval: float
                 raise P.APIError(413, f"request body is over this server's limit of {max_body} bytes", None,
                                  "request_too_large")
             chunks.append(chunk)
+        raw = b"".join(chunks) or b"null"
         try:
-            body = json.loads(b"".join(chunks) or b"null")
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise P.APIError(400, f"We could not parse the JSON body of your request ({e})", None,
                              "invalid_json") from None
+        except RecursionError:
+            raise P.APIError(400, "We could not parse the JSON body of your request: it is nested too deeply",
+                             None, "invalid_json") from None
         if not isinstance(body, dict):
             raise P.APIError(400, "the request body must be a JSON object", None, "invalid_json")
+        if b"\\u" in raw:   # only an escape can make a lone surrogate, which no tokenizer or encoder takes
+            P.no_lone_surrogates(body)
         return body
 
     platform.body_of = body_of

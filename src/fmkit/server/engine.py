@@ -82,7 +82,7 @@ class Sequence:
         self.prefilled = 0
         self.forced: list[int] = []
         seed = params.seed if params.seed is not None else _SEEDS.getrandbits(62)
-        self.seed = seed + index * 1_000_003   # choices of one seed differ
+        self.seed = (seed + index * 1_000_003) % (1 << 64)   # choices of one seed differ; manual_seed takes 64 bits
         self._gen = None
         self.t_submit, self.t_first, self.t_done = time.monotonic(), 0.0, 0.0
         self.on_read = not params.stop and params.guide is None   # text decoded by its readers
@@ -138,6 +138,12 @@ class Engine:
         self.compute.add(self)
 
     def encode(self, text: str) -> list[int]:
+        """The prompt's token ids; PromptTooLong, without tokenizing, for a text too long to fit the context
+        whatever its tokens (tokenizing megabytes would hold the event loop for seconds)."""
+        if self.codec.longest and len(text) > self.context * self.codec.longest:
+            raise PromptTooLong(f"this model's context is {self.context} tokens; a prompt of {len(text)} characters "
+                                f"has more than that (no token of this model is longer than {self.codec.longest} "
+                                "characters)")
         return self.codec.encode(text)
 
     @property
@@ -439,6 +445,11 @@ class _Codec:
             self.encode = lambda text: backend.encode(text, add_special_tokens=False).ids
         else:
             self.encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+        # the most characters one token covers, where no normalizer can drop characters before tokenizing (then
+        # a text of more than context x longest characters cannot fit); 0 where that does not hold
+        self.longest = 0
+        if backend is not None and backend.normalizer is None:
+            self.longest = max(map(len, tok.get_vocab()), default=0)
 
 
 def _plain_greedy(seq: Sequence, logprobs_too: bool = False) -> bool:

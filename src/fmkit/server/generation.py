@@ -13,7 +13,7 @@ from starlette.responses import StreamingResponse
 
 from . import protocol as P
 from .engine import PromptTooLong, QueueFull, Sequence
-from .tools import as_call, call_schema, parse_calls, supports_tools
+from .tools import as_call, call_schema, parse_calls, partial_call, supports_tools
 
 
 class Job:
@@ -201,6 +201,13 @@ def _screened(message: dict, screen) -> dict:
     return message if message["content"] is None else {**message, "content": content}
 
 
+def encoded(served, text: str, param: str) -> list[int]:
+    try:
+        return served.engine.encode(text)
+    except PromptTooLong as e:
+        raise P.invalid(str(e), param, "context_length_exceeded") from None
+
+
 # ---- chat ------------------------------------------------------------------------------------------------------
 def chat_job(served, body: dict, policy=None):
     """Check a chat request and start it under its output policy; returns (job, context for the response)."""
@@ -232,7 +239,7 @@ def chat_job(served, body: dict, policy=None):
     except Exception as e:  # the template's own checks (alternating roles, ...) are the user's to fix
         raise P.invalid(f"the chat template rejected these messages: {str(e).splitlines()[0][:300]}",
                         "messages", "invalid_messages") from None
-    prompt = served.engine.encode(text)
+    prompt = encoded(served, text, "messages")
     room = served.context - len(prompt)
     max_tokens = limit if limit is not None else max(room, 1)
     params = P.params(body, len(tok), max_tokens, (top or 0) if logprobs else None)
@@ -254,8 +261,10 @@ def _message(seq: Sequence, ctx: dict) -> tuple[dict, str]:
             call = as_call(json.loads(seq.text))
             return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}, \
                 "tool_calls" if reason == "stop" else reason
-        except (ValueError, KeyError, TypeError):
-            pass  # ran out of tokens mid-call: the text as it is, finish_reason length
+        except (ValueError, KeyError, TypeError):   # ran out of tokens mid-call: what there is of it
+            call = partial_call(seq.text)
+            return {"role": "assistant", "content": None, "refusal": None,
+                    **({"tool_calls": [call]} if call else {})}, reason
     if ctx["tools"]:
         content, calls = parse_calls(seq.text, ctx["tools"])
         if calls:
@@ -387,7 +396,7 @@ def completion_job(served, body: dict, policy=None):
     params = P.params(body, len(tok), max_tokens, logprobs)
     if echo and logprobs is not None:
         params.prompt_logprobs = logprobs
-    ids = [p if isinstance(p, list) else served.engine.encode(p) for p in prompts]
+    ids = [p if isinstance(p, list) else encoded(served, p, "prompt") for p in prompts]
     if not all(ids):
         raise P.invalid("'prompt' must not be empty", "prompt", "empty_prompt")
     seqs = [Sequence(i, dataclasses.replace(params), k * n + j) for k, i in enumerate(ids) for j in range(n)]

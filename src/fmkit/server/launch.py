@@ -71,8 +71,8 @@ def build(models: list[str] | None = None, names: dict | None = None, models_dir
 
 def serve(models: list[str] | None = None, names: dict | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, api_keys: str | None = None, models_dir: str | None = None,
-          dtype: Literal["auto", "fp32", "bf16"] = "auto", max_batch: int = 32, kv_cache_mb: int = 0,
-          memory_mb: float = 0, keep_alive: str = "30m", max_queue: int = 256, max_body_mb: float = 8,
+          dtype: Literal["auto", "fp32", "bf16"] = "auto", max_batch: int = 32, kv_cache_mb: int | None = None,
+          memory_mb: float | None = None, keep_alive: str = "30m", max_queue: int = 256, max_body_mb: float = 8,
           stream_interval_ms: float = 50, trust_pickle: bool = False, workspace: str | Path | None = None,
           max_jobs: int = 1, max_file_mb: float = 512, output_policy: str = "", model_policy: dict | None = None,
           moderation_model: str | None = None) -> dict:
@@ -122,14 +122,25 @@ def serve(models: list[str] | None = None, names: dict | None = None, host: str 
                 keep_alive, max_queue, max_body_mb, stream_interval_ms, trust_pickle, workspace, max_jobs, max_file_mb,
                 output_policy=output_policy, model_policy=model_policy, moderation_model=moderation_model)
     served = app.state.pool.names()
+    sock = _listening(host, port)   # before saying so: a port in use is an error, not a "serving" line
     console.print(f"serving {', '.join(served) or 'the models in ' + str(models_dir)} on http://{host}:{port}/v1 "
          f"({'keys required' if api_key or api_keys else 'no API key'})")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+    with sock:
+        uvicorn.Server(config).run(sockets=[sock])
+    return {"served": served, "url": f"http://{host}:{port}/v1"}
+
+
+def _listening(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it), or a FmkitError saying why it cannot be."""
     try:
-        uvicorn.Server(config).run()
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
     except OSError as e:
         raise FmkitError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return {"served": served, "url": f"http://{host}:{port}/v1"}
+    return sock
 
 
 class Background:

@@ -9,6 +9,9 @@ accepted and have no effect. fmkit's own extras (`top_k`, `ignore_eos`, `keep_al
 """
 from __future__ import annotations
 
+import json
+import math
+
 from .engine import Params
 
 REQUIRED = object()
@@ -24,6 +27,8 @@ CHAT_FIELDS = SAMPLING | BOOKKEEPING | EXTRAS | {"messages", "max_completion_tok
 COMPLETION_FIELDS = SAMPLING | BOOKKEEPING | EXTRAS | {"prompt", "echo", "logprobs", "best_of", "suffix"}
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions", "user", "keep_alive"}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
+STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
 
 
 class APIError(Exception):
@@ -46,7 +51,18 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_value")
 def _kind(kinds) -> str:
     names = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
              dict: "an object"}
+    if int in kinds and float in kinds:   # an integer is a number
+        kinds = tuple(k for k in kinds if k is not int)
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in kinds))
+
+
+def _shown(value) -> str:
+    """A value as it was in the JSON body (true, 100.0, "hot"), cut to 60 characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def get(body: dict, name: str, kinds: tuple, default=None, lo=None, hi=None):
@@ -59,13 +75,15 @@ def get(body: dict, name: str, kinds: tuple, default=None, lo=None, hi=None):
         return default
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
-        raise invalid(f"'{name}' must be {_kind(kinds)}, got {type(value).__name__}: {str(value)[:60]!r}", name,
-                      "invalid_type")
+        raise invalid(f"'{name}' must be {_kind(kinds)}, got {_shown(value)}", name, "invalid_type")
     return within(value, name, lo, hi)
 
 
 def within(value, name: str, lo=None, hi=None):
-    """`value` if it lies in [lo, hi] (either may be None), else a 400 naming the field and the range."""
+    """`value` if it lies in [lo, hi] (either may be None), else a 400 naming the field and the range. NaN, which
+    every comparison lets through, is refused by name."""
+    if isinstance(value, float) and math.isnan(value):
+        raise invalid(f"'{name}' must be a number, got NaN", name)
     if lo is not None and value < lo or hi is not None and value > hi:
         bounds = f"between {lo} and {hi}" if lo is not None and hi is not None else \
             f"at least {lo}" if lo is not None else f"at most {hi}"
@@ -73,10 +91,40 @@ def within(value, name: str, lo=None, hi=None):
     return value
 
 
-def unknown_fields(body: dict, allowed: set[str]) -> None:
+def unknown_fields(body: dict, allowed: set[str], where: str = "") -> None:
+    """A 400 for the first field of `body` not in `allowed`; at the top level also a `user` that is not a string
+    (the one bookkeeping field with a type that matters: it ends up in logs and moderation records)."""
+    if not where and "user" in allowed:
+        get(body, "user", (str,))
     extra = sorted(set(body) - allowed)
     if extra:
-        raise invalid(f"unrecognized request argument supplied: {extra[0]}", extra[0], "unrecognized_argument")
+        raise invalid(f"unrecognized request argument supplied: {where}{extra[0]}", f"{where}{extra[0]}",
+                      "unrecognized_argument")
+
+
+def no_lone_surrogates(body: dict) -> None:
+    """A 400 naming the first string of the body (keys too) that holds half of a UTF-16 surrogate pair: JSON's
+    \\ud800 escape parses into one, and it is not text that can be encoded, tokenized or stored."""
+    todo = [(body, "")]
+    while todo:
+        value, where = todo.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for k, v in items:
+            at = f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)
+            for text in (k, v):
+                if isinstance(text, str) and not _encodable(text):
+                    raise invalid(f"{at} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                                  "which is not valid text", at)
+            if isinstance(v, (dict, list)):
+                todo.append((v, at))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def stop_strings(body: dict) -> tuple[str, ...]:
@@ -107,7 +155,7 @@ def params(body: dict, vocab: int, max_tokens: int | None, logprobs: int | None)
     if top_p == 0:  # nothing but the most likely token
         top_p, top_k = 1.0, 1
     return Params(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=top_k,
-                  seed=get(body, "seed", (int,), None), stop=stop_strings(body),
+                  seed=get(body, "seed", (int,), None, -(1 << 63), (1 << 63) - 1), stop=stop_strings(body),
                   presence_penalty=float(get(body, "presence_penalty", NUMBER, 0.0, -2, 2)),
                   frequency_penalty=float(get(body, "frequency_penalty", NUMBER, 0.0, -2, 2)),
                   logit_bias=logit_bias, logprobs=logprobs, ignore_eos=get(body, "ignore_eos", (bool,), False))
@@ -119,6 +167,8 @@ def streaming(body: dict) -> tuple[bool, bool]:
     options = get(body, "stream_options", (dict,), None)
     if options is not None and not stream:
         raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if options is not None:
+        unknown_fields(options, STREAM_OPTIONS, "stream_options.")
     include = get(options or {}, "include_usage", (bool,), False)
     return stream, include
 
@@ -135,15 +185,20 @@ def messages(body: dict) -> list[dict]:
         role = m.get("role")
         if role not in ROLES:
             raise invalid(f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {role!r}", f"{where}.role")
+        unknown_fields(m, MESSAGE_FIELDS, f"{where}.")
         content = m.get("content")
         if isinstance(content, list):  # content parts: text only
             parts = []
             for j, part in enumerate(content):
+                at = f"{where}.content[{j}]"
                 if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise invalid(f"{where}.content[{j}]: only text parts are supported, got {kind!r}",
-                                  f"{where}.content")
-                parts.append(str(part.get("text", "")))
+                    raise invalid(f"{at}: only text parts are supported, got {kind!r}", at)
+                unknown_fields(part, {"type", "text"}, f"{at}.")
+                if not isinstance(part.get("text"), str):
+                    raise invalid(f"{at}.text must be a string", f"{at}.text",
+                                  "invalid_type" if "text" in part else "missing_required_parameter")
+                parts.append(part["text"])
             content = "".join(parts)
         if content is None and not (role == "assistant" and m.get("tool_calls")):
             raise invalid(f"{where}.content is required for a {role} message", f"{where}.content",
@@ -151,6 +206,9 @@ def messages(body: dict) -> list[dict]:
         if content is not None and not isinstance(content, str):
             raise invalid(f"{where}.content must be a string or an array of text parts", f"{where}.content",
                           "invalid_type")
+        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise invalid(f"{where}.tool_call_id is required for a tool message, as a string", f"{where}.tool_call_id",
+                          "missing_required_parameter")
         msg = {"role": "system" if role == "developer" else role, "content": content or ""}
         for key in ("name", "tool_calls", "tool_call_id"):
             if key in m:
@@ -162,8 +220,6 @@ def messages(body: dict) -> list[dict]:
 
 
 def _parsed_call(call, where: str) -> dict:
-    import json
-
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise invalid(f"{where}.tool_calls: each call needs function.name", f"{where}.tool_calls")

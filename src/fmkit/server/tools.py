@@ -34,6 +34,19 @@ def as_call(obj: dict) -> dict:
             "function": {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}}
 
 
+PARTIAL = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*(?:,\s*"arguments"\s*:\s*(.*))?\Z', re.S)
+
+
+def partial_call(text: str) -> dict | None:
+    """A forced call that max_tokens cut short, as OpenAI's API returns one: the name once it is whole, and the
+    arguments as far as they got (a string that does not parse); None while not even the name is whole."""
+    m = PARTIAL.match(text)
+    if m is None:
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": json.loads(f'"{m.group(1)}"'), "arguments": (m.group(2) or "").rstrip()}}
+
+
 def parse_calls(text: str, names: set[str]) -> tuple[str, list[dict]]:
     """(content left over, tool calls) from a reply generated with tool_choice auto."""
     calls, rest = [], text
