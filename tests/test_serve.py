@@ -64,12 +64,36 @@ def test_echo_logprobs_score_multiple_choice_as_local_evaluation(server, serve_f
     assert r.choices[0].text == "def f(x):\n    return x" and lp.token_logprobs[0] is None
     assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
     assert all(v <= 0 for v in lp.token_logprobs[1:]) and r.usage.completion_tokens == 0
-    task = mc_task(tmp_path, ITEMS[:6], metrics=["acc", "acc_norm"])
-    remote = evaluate("openai:tiny", [task], out=tmp_path / "remote", base_url=bg.url, workspace=tmp_path / "ws")
-    local = evaluate(str(serve_folders["base"]), [task], out=tmp_path / "local", workspace=tmp_path / "ws")
-    rows = [[json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()] for run in (remote, local)]
-    for a, b in zip(*rows):
-        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
+    # prompts ending in whitespace too: "\n    " then "return x" is tokenized across the boundary, and both sides
+    # must give the whitespace to the answer
+    items = ITEMS[:6] + [{**i, "id": f"w{k}", "question": i["question"].replace("return", ""),
+                          "choices": ["return" + c for c in i["choices"]]} for k, i in enumerate(ITEMS[:4])]
+    for k, delimiter in enumerate((" ", "")):
+        (tmp_path / str(k)).mkdir()
+        task = mc_task(tmp_path / str(k), items, metrics=["acc", "acc_norm"], target_delimiter=delimiter)
+        out = tmp_path / str(k)
+        remote = evaluate("openai:tiny", [task], out=out / "remote", base_url=bg.url, workspace=tmp_path / "ws")
+        local = evaluate(str(serve_folders["base"]), [task], out=out / "local", workspace=tmp_path / "ws")
+        rows = [[json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+                for run in (remote, local)]
+        assert len(rows[0]) == len(items)
+        for a, b in zip(*rows):
+            assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4), a["id"]
+
+
+def test_evaluating_over_http_says_what_is_wrong(server):
+    from fmkit.errors import FmkitError
+    from fmkit.providers.openai_api import OpenAIModel
+
+    bg, _ = server
+    request = [("def f(x):\n    return", " x")]
+    with pytest.raises(FmkitError, match="does not exist; this server serves: tiny") as err:
+        OpenAIModel("nope", base_url=bg.url, max_retries=0).loglikelihood(request)
+    assert "scoring: generate" not in str(err.value)       # not advice for a server without logprobs
+    with pytest.raises(FmkitError, match="--base-url .*/v1"):
+        OpenAIModel("tiny", base_url=bg.url.removesuffix("/v1"), max_retries=0).loglikelihood(request)
+    with pytest.raises(FmkitError, match="at http://127.0.0.1:1/v1: giving up"):   # nothing listens there
+        OpenAIModel("tiny", base_url="http://127.0.0.1:1/v1", max_retries=0).loglikelihood(request)
 
 
 def test_completions_take_strings_lists_and_token_ids(server):

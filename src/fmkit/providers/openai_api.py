@@ -37,7 +37,16 @@ class OpenAIModel(RemoteModel):
         return {**super().describe(), "base_url": self.base_url or "https://api.openai.com/v1"}
 
     def _fail(self, what: str, e: Exception):
-        status = getattr(e, "status_code", None)
+        status, code = getattr(e, "status_code", None), getattr(e, "code", None)
+        said = str(e)[:200]
+        if status == 401:
+            return FmkitError(f"{self.name}: the server refused the key ({said}); pass --api-key or set "
+                              "OPENAI_API_KEY")
+        if code == "model_not_found":
+            return FmkitError(f"{self.name}: {said}")
+        if status == 404 and self.base_url and not self.base_url.rstrip("/").endswith("/v1"):
+            return FmkitError(f"{self.name}: {what} request got 404 from {self.base_url} ({said}); OpenAI-style "
+                              f"servers answer under /v1: --base-url {self.base_url.rstrip('/')}/v1")
         if status in (400, 404, 405, 422, 501) and what in ALT:
             return FmkitError(f"{self.name} rejected a {what} request ({status}: {str(e)[:160]}); {ALT[what]}")
         return FmkitError(f"{self.name}: {what} request failed ({type(e).__name__}: {str(e)[:200]})")
@@ -117,6 +126,12 @@ class OpenAIModel(RemoteModel):
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool, int]]:
         def one(req):
             ctx, cont = req
+            # the context's trailing whitespace goes with the continuation, as local scoring (and lm-eval) split
+            # it: a prompt ending "\n    " is tokenized with the answer's first word, so the tokens that cover
+            # the whitespace belong to the answer
+            n_spaces = len(ctx) - len(ctx.rstrip())
+            if n_spaces:
+                ctx, cont = ctx[:-n_spaces], ctx[-n_spaces:] + cont
             try:
                 resp = self.client.completions.create(model=self.model_name, prompt=ctx + cont, max_tokens=1,
                                                       temperature=0, echo=True, logprobs=1)
@@ -137,6 +152,9 @@ class OpenAIModel(RemoteModel):
                     top = (lp.top_logprobs or [None] * len(lp.tokens))[i] or {}
                     if top and max(top, key=top.get) != tok:
                         greedy = False
+            if n == 0:
+                raise FmkitError(f"{self.name}: continuation {cont!r} got no tokens of its own after context "
+                                 f"{ctx[-40:]!r} (the server's tokens cross the boundary)")
             u = resp.usage
             return [ll, greedy, n], (u.prompt_tokens if u else 0), 0
         return [tuple(r) for r in self._map("loglikelihood", [list(r) for r in requests], one, lambda r: True)]

@@ -34,7 +34,8 @@ class RemoteModel(Model):
                 return fn(*args, **kwargs)
             except self.retryable as e:
                 if attempt == self.max_retries:
-                    raise FmkitError(f"{self.name}: giving up after {attempt + 1} attempts ({type(e).__name__}: "
+                    at = f" at {self.base_url}" if getattr(self, "base_url", "") else ""
+                    raise FmkitError(f"{self.name}{at}: giving up after {attempt + 1} attempts ({type(e).__name__}: "
                                      f"{str(e)[:200]})") from None
                 time.sleep(self.backoff * 2 ** attempt * (1 + random.random() * 0.25))
 
