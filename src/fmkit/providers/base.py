@@ -46,6 +46,15 @@ class Usage:
         self.cost += prompt_tokens / 1e6 * price[0] + completion_tokens / 1e6 * price[1]
 
 
+def split_pair(context: str, continuation: str) -> tuple[str, str]:
+    """lm-evaluation-harness's split of a scored pair: the context's trailing whitespace moves to the continuation
+    (a prompt ending "\n    " is tokenized with the answer's first word, so those tokens belong to the answer)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
+
+
 class Model:
     """Base class: `name`, `capabilities`, `usage`, and the four methods (each may be unsupported)."""
 

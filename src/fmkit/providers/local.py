@@ -24,7 +24,7 @@ import torch
 
 from ..errors import FmkitError
 from ..models.reference import ModelRef, resolve
-from .base import GenRequest, Model
+from .base import GenRequest, Model, split_pair
 
 
 class LocalModel(Model):
@@ -70,13 +70,7 @@ class LocalModel(Model):
 
     def encode_pairs(self, requests: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """(context tokens, continuation tokens) per request, with one batched call into the Rust tokenizer."""
-        split = []
-        for context, continuation in requests:
-            n_spaces = len(context) - len(context.rstrip())
-            if n_spaces:
-                continuation = context[-n_spaces:] + continuation
-                context = context[:-n_spaces]
-            split.append((context, continuation))
+        split = [split_pair(context, continuation) for context, continuation in requests]
         strings = sorted({c for c, _ in split if c} | {c + x for c, x in split if c} | {x for c, x in split if not c})
         backend = self.tok.backend_tokenizer
         ids = dict(zip(strings, (e.ids for e in backend.encode_batch(strings, add_special_tokens=False))))

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 
 from ..errors import FmkitError
-from .base import GenRequest
+from .base import GenRequest, split_pair
 from .remote import RemoteModel, cut_at_stop
 
 
@@ -48,8 +48,8 @@ class OpenAIModel(RemoteModel):
             return FmkitError(f"{self.name}: {what} request got 404 from {self.base_url} ({said}); OpenAI-style "
                               f"servers answer under /v1: --base-url {self.base_url.rstrip('/')}/v1")
         if status in (400, 404, 405, 422, 501) and what in ALT:
-            return FmkitError(f"{self.name} rejected a {what} request ({status}: {str(e)[:160]}); {ALT[what]}")
-        return FmkitError(f"{self.name}: {what} request failed ({type(e).__name__}: {str(e)[:200]})")
+            return FmkitError(f"{self.name} rejected a {what} request ({status}: {said[:160]}); {ALT[what]}")
+        return FmkitError(f"{self.name}: {what} request failed ({type(e).__name__}: {said})")
 
     def chat(self, requests: list[GenRequest]) -> list[str]:
         def one(r: GenRequest):
@@ -125,13 +125,7 @@ class OpenAIModel(RemoteModel):
 
     def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool, int]]:
         def one(req):
-            ctx, cont = req
-            # the context's trailing whitespace goes with the continuation, as local scoring (and lm-eval) split
-            # it: a prompt ending "\n    " is tokenized with the answer's first word, so the tokens that cover
-            # the whitespace belong to the answer
-            n_spaces = len(ctx) - len(ctx.rstrip())
-            if n_spaces:
-                ctx, cont = ctx[:-n_spaces], ctx[-n_spaces:] + cont
+            ctx, cont = split_pair(*req)   # as local scoring splits it: the continuation's tokens start at ctx's end
             try:
                 resp = self.client.completions.create(model=self.model_name, prompt=ctx + cont, max_tokens=1,
                                                       temperature=0, echo=True, logprobs=1)

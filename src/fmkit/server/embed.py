@@ -49,7 +49,7 @@ def inputs(body: dict, tok) -> tuple[list[str], list[list[int]]]:
 
 def embeddings(served, body: dict) -> tuple[list, int]:
     """(data items, prompt tokens) for a checked request; runs in a worker thread."""
-    P.unknown_fields(body, P.EMBEDDING_FIELDS)
+    P.known_fields(body, P.EMBEDDING_FIELDS)
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise P.invalid(f"encoding_format must be float or base64, got {fmt!r}", "encoding_format")

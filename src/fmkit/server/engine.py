@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.generate import IncrementalText, argmax_ids
+from .codec import Codec
 from .sampling import choose, top_logprobs
 
 
@@ -133,7 +134,7 @@ class Engine:
         self._notes: dict[int, object] = {}
         self.notify_every = notify_every   # seconds between hand-overs of progress (first tokens, ends: at once)
         self._urgent, self._delivered = False, 0.0
-        self.codec = _Codec(tok)
+        self.codec = Codec(tok)
         self.compute = compute or Compute.default()
         self.compute.add(self)
 
@@ -428,28 +429,6 @@ def _name_os_thread(name: str) -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)   # PR_SET_NAME
-
-
-class _Codec:
-    """tok.decode and tok's encoding without special tokens, straight to the Rust tokenizer where that gives the
-    same result: transformers' wrapper costs ~20 us a call in Python, the engine decodes twice per token, and
-    tok(text) goes through the batch encoder, whose thread pool wakes for a single prompt."""
-
-    def __init__(self, tok):
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is not None and not getattr(tok, "clean_up_tokenization_spaces", False):
-            self.decode = lambda ids: backend.decode(ids, skip_special_tokens=False)
-        else:
-            self.decode = tok.decode
-        if backend is not None and backend.truncation is None and backend.padding is None:
-            self.encode = lambda text: backend.encode(text, add_special_tokens=False).ids
-        else:
-            self.encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]
-        # the most characters one token covers, where no normalizer can drop characters before tokenizing (then
-        # a text of more than context x longest characters cannot fit); 0 where that does not hold
-        self.longest = 0
-        if backend is not None and backend.normalizer is None:
-            self.longest = max(map(len, tok.get_vocab()), default=0)
 
 
 def _plain_greedy(seq: Sequence, logprobs_too: bool = False) -> bool:

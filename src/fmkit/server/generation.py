@@ -211,7 +211,7 @@ def encoded(served, text: str, param: str) -> list[int]:
 # ---- chat ------------------------------------------------------------------------------------------------------
 def chat_job(served, body: dict, policy=None):
     """Check a chat request and start it under its output policy; returns (job, context for the response)."""
-    P.unknown_fields(body, P.CHAT_FIELDS)
+    P.known_fields(body, P.CHAT_FIELDS)
     messages = P.messages(body)
     stream, include_usage = P.streaming(body)
     n = P.get(body, "n", (int,), 1, 1, P.MAX_N)
@@ -375,7 +375,7 @@ async def _stream(job: Job, ctx: dict, request, head: dict, chunks, first=()):
 
 # ---- completions -----------------------------------------------------------------------------------------------
 def completion_job(served, body: dict, policy=None):
-    P.unknown_fields(body, P.COMPLETION_FIELDS)
+    P.known_fields(body, P.COMPLETION_FIELDS)
     tok = served.tok
     prompts = P.completion_prompts(body, len(tok))
     stream, include_usage = P.streaming(body)

@@ -92,14 +92,18 @@ def within(value, name: str, lo=None, hi=None):
 
 
 def unknown_fields(body: dict, allowed: set[str], where: str = "") -> None:
-    """A 400 for the first field of `body` not in `allowed`; at the top level also a `user` that is not a string
-    (the one bookkeeping field with a type that matters: it ends up in logs and moderation records)."""
-    if not where and "user" in allowed:
-        get(body, "user", (str,))
+    """A 400 for the first field of `body` (at `where`) not in `allowed`."""
     extra = sorted(set(body) - allowed)
     if extra:
         raise invalid(f"unrecognized request argument supplied: {where}{extra[0]}", f"{where}{extra[0]}",
                       "unrecognized_argument")
+
+
+def known_fields(body: dict, allowed: set[str]) -> None:
+    """A request body's fields: none unknown, and `user`, the one bookkeeping field whose type matters (it ends up
+    in logs and moderation records), a string."""
+    unknown_fields(body, allowed)
+    get(body, "user", (str,))
 
 
 def no_lone_surrogates(body: dict) -> None:

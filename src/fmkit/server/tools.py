@@ -43,8 +43,7 @@ def partial_call(text: str) -> dict | None:
     m = PARTIAL.match(text)
     if m is None:
         return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": json.loads(f'"{m.group(1)}"'), "arguments": (m.group(2) or "").rstrip()}}
+    return as_call({"name": json.loads(f'"{m.group(1)}"'), "arguments": (m.group(2) or "").rstrip()})
 
 
 def parse_calls(text: str, names: set[str]) -> tuple[str, list[dict]]:
